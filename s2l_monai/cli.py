@@ -1,0 +1,134 @@
+"""Command line interface: ``s2l <command> ...`` (also ``python -m s2l_monai``).
+
+Each command is one function ``_cmd_<group>_<name>(args) -> int`` registered by one ``_add_<group>`` function;
+to add a command (e.g. ``synthetic`` or ``evaluate``), write both and call the ``_add_...`` function from
+:func:`build_parser`. Commands import their heavy modules lazily so ``s2l --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+
+def _add_prepare(subparsers: Any) -> None:
+    """Register ``s2l prepare {dsb2018,folder}``."""
+    prepare = subparsers.add_parser("prepare", help="prepare a dataset: folders, splits, scribbles and datalists")
+    kinds = prepare.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+
+    dsb = kinds.add_parser(
+        "dsb2018",
+        help="BBBC038v1 / DSB2018 stage1_train.zip -> per-modality folders with automatic scribbles",
+        description="Prepare BBBC038v1 (Kaggle DSB2018 stage 1 train) for Scribble2Label, read straight from the zip.",
+    )
+    dsb.add_argument("--zip", required=True, help="stage1_train.zip from https://bbbc.broadinstitute.org/BBBC038")
+    dsb.add_argument("--out", required=True, help="output folder")
+    dsb.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3, 0.5, 1.0], help="scribble ratios")
+    dsb.add_argument("--seed", type=int, default=0, help="seed of the split and the scribbles (default 0)")
+    dsb.add_argument("--limit", type=int, default=None, help="only the first N ids of each modality")
+    dsb.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    dsb.add_argument(
+        "--modalities",
+        nargs="+",
+        default=["fluorescence", "histopathology", "brightfield"],
+        choices=["fluorescence", "histopathology", "brightfield"],
+        help="modalities to write (default all)",
+    )
+    dsb.set_defaults(func=_cmd_prepare_dsb2018)
+
+    folder = kinds.add_parser(
+        "folder",
+        help="your own images + scribbles -> checked datalist.json with a seeded split",
+        description="Check a folder of images and scribbles (paired by base name) and write datalist.json.",
+    )
+    folder.add_argument("--images", required=True, help="folder of images (.png .tif .tiff .jpg)")
+    folder.add_argument("--scribbles", required=True, help="folder of scribbles (a.png or a_scribble.png for a.png)")
+    folder.add_argument("--labels", default=None, help="optional folder of full masks, for evaluation")
+    folder.add_argument("--out", default=None, help="where datalist.json goes (default: common parent of the data)")
+    folder.add_argument("--val-fraction", type=float, default=0.2, help="validation share (default 0.2)")
+    folder.add_argument("--test-fraction", type=float, default=0.0, help="test share (default 0)")
+    folder.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    folder.add_argument("--background", type=int, default=0, help="scribble value of background (default 0)")
+    folder.add_argument("--foreground", type=int, default=1, help="scribble value of foreground (default 1)")
+    folder.add_argument("--unlabelled", type=int, default=255, help="scribble value of unlabelled (default 255)")
+    folder.set_defaults(func=_cmd_prepare_folder)
+
+
+def _cmd_prepare_dsb2018(args: argparse.Namespace) -> int:
+    """Run :func:`s2l_monai.data.dsb2018.prepare_dsb2018` and print the counts."""
+    from s2l_monai.data.dsb2018 import prepare_dsb2018
+
+    summary = prepare_dsb2018(
+        args.zip,
+        args.out,
+        ratios=tuple(args.ratios),
+        seed=args.seed,
+        modalities=tuple(args.modalities),
+        limit=args.limit,
+        workers=args.workers,
+    )
+    print(f"Prepared {summary['out_dir']} (seed {summary['seed']}; {summary['processed']} image(s) written, "
+          f"{summary['skipped']} already done)")
+    for modality, info in summary["modalities"].items():
+        s = info["splits"]
+        print(f"  {modality:15s} {info['n_images']:4d} images (training {s['training']}, validation "
+              f"{s['validation']}, test {s['test']}), {info['n_nuclei']} nuclei -> {info['dir']}")
+    return 0
+
+
+def _cmd_prepare_folder(args: argparse.Namespace) -> int:
+    """Run :func:`s2l_monai.data.folder.prepare_folder` and print where the datalist went."""
+    import json
+
+    from s2l_monai.data.folder import prepare_folder
+
+    path = prepare_folder(
+        args.images,
+        args.scribbles,
+        out_dir=args.out,
+        labels_dir=args.labels,
+        values={"background": args.background, "foreground": args.foreground, "unlabelled": args.unlabelled},
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+    )
+    content = json.loads(path.read_text())
+    counts = ", ".join(f"{k} {len(content[k])}" for k in ("training", "validation", "test"))
+    print(f"Wrote {path} ({counts})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``s2l`` argument parser with all commands registered."""
+    parser = argparse.ArgumentParser(
+        prog="s2l", description="Scribble2Label on MONAI: scribble-supervised cell segmentation."
+    )
+    from s2l_monai import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_prepare(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the command and return its exit status.
+
+    Data and argument problems (missing files, invalid data) are printed as ``s2l: error: ...`` with status 2
+    instead of a traceback.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

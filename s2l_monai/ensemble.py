@@ -1,0 +1,303 @@
+"""The prediction ensemble of Scribble2Label: a memory-mapped EMA store and the Ignite handler that updates it.
+
+Paper, section 2 ("Self-generating pseudo-labels with consistency"): every ``gamma`` epochs the network predicts
+every training image without augmentation and the running average ``y <- alpha * p + (1 - alpha) * y`` is
+updated (``y_0 = p``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from monai.utils import min_version, optional_import
+
+from s2l_monai.figures import save_pseudo_label_figure
+
+Events, _ = optional_import("ignite.engine", "0.5", min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+    from monai.engines import Evaluator
+else:
+    Engine, _ = optional_import("ignite.engine", "0.5", min_version, "Engine")
+    Evaluator, _ = optional_import("monai.engines", name="Evaluator")
+
+__all__ = ["EMAStore", "EMAEnsembleHandler", "ema_update"]
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def ema_update(previous: np.ndarray | None, prob: np.ndarray, alpha: float) -> np.ndarray:
+    """One step of the prediction ensemble: ``y_n = alpha * p + (1 - alpha) * y_{n-1}``, ``y_0 = p``.
+
+    Args:
+        previous: the running average ``y_{n-1}`` (any shape), or None before the first ensemble.
+        prob: the newest softmax prediction ``p``, same shape.
+        alpha: weight of the newest prediction (paper: 0.2; 0.1 for MoNuSeg).
+
+    Returns:
+        the new average, float32.
+    """
+    prob = np.asarray(prob, dtype=np.float32)
+    if previous is None:
+        return prob
+    return alpha * prob + (1.0 - alpha) * np.asarray(previous, dtype=np.float32)
+
+
+class EMAStore:
+    """Exponential-moving-average pseudo-label store, one memory-mapped file per training item.
+
+    Each item (keyed by a stable id, e.g. from :func:`s2l_monai.data.datalist.load_datalist`) is a ``.npy`` file
+    under ``root`` holding the averaged probabilities of classes ``1..C-1`` in the item's own frame, shape
+    ``(C-1)HW`` (``(C-1)DHW`` for volumes); class 0 is ``1 - sum`` of the others, so a binary task stores one
+    channel. Values are float16, or uint8 quantised to 1/255 (``dtype="uint8"``).
+
+    Data-loader workers read the files memory-mapped, so they always see the values of the last ensemble and memory
+    stays flat however large the dataset is. Writes go to a temporary file that atomically replaces the old one, so
+    a reader never sees a half-written map. ``state_dict``/``load_state_dict`` let MONAI's ``CheckpointSaver`` and
+    ``CheckpointLoader`` save and restore the store with the network.
+
+    Args:
+        root: folder of the store (created if missing), e.g. ``<output_dir>/ema``.
+        num_classes: number of classes ``C`` of the network output (>= 2).
+        dtype: ``"float16"`` or ``"uint8"``.
+    """
+
+    def __init__(self, root: str | os.PathLike, num_classes: int = 2, dtype: str = "float16") -> None:
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+        if dtype not in ("float16", "uint8"):
+            raise ValueError(f"dtype must be 'float16' or 'uint8', got {dtype!r}.")
+        self.root = Path(root)
+        self.num_classes = int(num_classes)
+        self.dtype = dtype
+        self.root.mkdir(parents=True, exist_ok=True)
+        meta = self.root / "store.json"
+        if meta.exists():
+            found = json.loads(meta.read_text())
+            if found != self._meta():
+                raise ValueError(
+                    f"EMA store at {self.root} was made with {found}, not {self._meta()}; use another folder or "
+                    "delete it."
+                )
+        else:
+            self._atomic_write_text(meta, json.dumps(self._meta()))
+
+    def _meta(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "dtype": self.dtype}
+
+    def path(self, item_id: str) -> Path:
+        """File of an item: its id with characters unsafe for file names replaced."""
+        return self.root / f"{_SAFE.sub('_', str(item_id))}.npy"
+
+    def __contains__(self, item_id: object) -> bool:
+        return self.path(str(item_id)).exists()
+
+    def ids(self) -> list[str]:
+        """Ids (file stems) of the items stored so far."""
+        return sorted(p.stem for p in self.root.glob("*.npy"))
+
+    def __len__(self) -> int:
+        return len(self.ids())
+
+    def _encode(self, fg: np.ndarray) -> np.ndarray:
+        if self.dtype == "uint8":
+            return np.clip(np.rint(fg * 255.0), 0, 255).astype(np.uint8)
+        return fg.astype(np.float16)
+
+    def _decode(self, stored: np.ndarray) -> np.ndarray:
+        if stored.dtype == np.uint8:
+            return stored.astype(np.float32) / 255.0
+        return stored.astype(np.float32)
+
+    def probabilities(self, item_id: str) -> np.ndarray | None:
+        """The averaged class probabilities ``CHW`` (float32) of an item, or None if it was never ensembled."""
+        path = self.path(item_id)
+        try:
+            stored = np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            return None
+        fg = self._decode(stored)
+        return np.concatenate([1.0 - fg.sum(0, keepdims=True), fg], axis=0)
+
+    def update(self, item_id: str, prob: np.ndarray | torch.Tensor, alpha: float) -> np.ndarray:
+        """Fold a new prediction into an item's average (:func:`ema_update`) and write it atomically.
+
+        Args:
+            item_id: the item's stable id.
+            prob: softmax probabilities ``CHW`` (or ``CDHW``) in the item's own, un-augmented frame.
+            alpha: weight of the new prediction.
+
+        Returns:
+            the new averaged probabilities ``CHW`` as stored (after float16/uint8 rounding), float32.
+        """
+        if isinstance(prob, torch.Tensor):
+            prob = prob.detach().float().cpu().numpy()
+        if prob.shape[0] != self.num_classes:
+            raise ValueError(f"expected {self.num_classes} class channels, got shape {prob.shape} for {item_id!r}.")
+        previous = self.probabilities(item_id)
+        if previous is not None and previous.shape != prob.shape:
+            raise ValueError(f"item {item_id!r} changed shape: stored {previous.shape}, new {prob.shape}.")
+        average = ema_update(None if previous is None else previous[1:], prob[1:], alpha)
+        stored = self._encode(average)
+        self._atomic_save(self.path(item_id), stored)
+        fg = self._decode(stored)
+        return np.concatenate([1.0 - fg.sum(0, keepdims=True), fg], axis=0)
+
+    def clear(self) -> None:
+        """Remove every stored item."""
+        for p in self.root.glob("*.npy"):
+            p.unlink()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every stored map as a tensor, for a checkpoint."""
+        items = {p.stem: torch.from_numpy(np.load(p)) for p in sorted(self.root.glob("*.npy"))}
+        return {**self._meta(), "items": items}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Replace the store's contents with a checkpoint's."""
+        if int(state_dict["num_classes"]) != self.num_classes:
+            raise ValueError(f"checkpoint store has {state_dict['num_classes']} classes, this one {self.num_classes}.")
+        self.clear()
+        for stem, value in state_dict["items"].items():
+            array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            if state_dict.get("dtype", self.dtype) != self.dtype:
+                array = self._encode(self._decode(array))
+            self._atomic_save(self.root / f"{stem}.npy", array)
+
+    @staticmethod
+    def _atomic_save(path: Path, array: np.ndarray) -> None:
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, array)
+        os.replace(tmp, path)
+
+    @staticmethod
+    def _atomic_write_text(path: Path, text: str) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+class EMAEnsembleHandler:
+    """Ignite handler that runs the Scribble2Label prediction ensemble every ``every`` epochs.
+
+    Modelled on MONAI's ``ValidationHandler``: :meth:`attach` registers it on the trainer at
+    ``EPOCH_COMPLETED(every=every)``, from the first epoch on (warm-up included, so the average is ready when
+    ``L_up`` switches on). Each run drives ``evaluator`` (a MONAI ``SupervisedEvaluator`` over every training item,
+    without augmentation, usually with a ``SlidingWindowInferer``; it puts the network in eval mode and disables
+    gradients) and folds each softmax prediction into ``store``. Afterwards the network is put back in train mode.
+
+    It logs, and puts into the trainer's ``state.metrics``, ``ema_coverage`` (share of unscribbled pixels whose
+    averaged prediction passes ``tau``) and ``ensemble_seconds``. For the first ``num_figures`` items it saves a
+    picture per ensemble under ``figure_dir`` (see :func:`s2l_monai.figures.pseudo_label_figure`).
+
+    Args:
+        evaluator: the engine that predicts the un-augmented training items; its batches must carry ``id_key``
+            and ``scribble_key``, its output ``"pred"`` logits ``BCHW``.
+        store: where the averages live.
+        every: ensemble interval ``gamma`` in epochs (paper: 5).
+        alpha: EMA weight of the newest prediction (paper: 0.2).
+        tau: consistency threshold, for the coverage statistic and the figures.
+        unlabelled: scribble value of unlabelled pixels.
+        id_key: key of the item id in the evaluator's batches.
+        image_key: key of the image, used for the figures.
+        scribble_key: key of the scribbles.
+        figure_dir: folder for the figures; None for none.
+        num_figures: how many items get a figure.
+    """
+
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        store: EMAStore,
+        every: int = 5,
+        alpha: float = 0.2,
+        tau: float = 0.8,
+        unlabelled: int = 255,
+        id_key: str = "id",
+        image_key: str = "image",
+        scribble_key: str = "scribble",
+        figure_dir: str | os.PathLike | None = None,
+        num_figures: int = 4,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}.")
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}.")
+        self.evaluator = evaluator
+        self.store = store
+        self.every = int(every)
+        self.alpha = float(alpha)
+        self.tau = float(tau)
+        self.unlabelled = int(unlabelled)
+        self.id_key, self.image_key, self.scribble_key = id_key, image_key, scribble_key
+        self.figure_dir = None if figure_dir is None else Path(figure_dir)
+        self.num_figures = int(num_figures)
+        self.logger = logging.getLogger(self.__class__.__name__)
+        self.epochs_run: list[int] = []
+        self._epoch = 0
+        self._passed = 0
+        self._unlabelled_total = 0
+        self._seen = 0
+        evaluator.add_event_handler(Events.ITERATION_COMPLETED, self._update_batch)
+
+    def attach(self, engine: Engine) -> None:
+        """Run the ensemble at the end of every ``every``-th epoch of ``engine``."""
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)
+
+    def __call__(self, engine: Engine) -> None:
+        start = time.perf_counter()
+        self._epoch = engine.state.epoch
+        self._passed = self._unlabelled_total = self._seen = 0
+        self.evaluator.run(engine.state.epoch)
+        network = getattr(engine, "network", None)
+        if network is not None:
+            network.train()
+        seconds = time.perf_counter() - start
+        coverage = self._passed / self._unlabelled_total if self._unlabelled_total else 0.0
+        engine.state.metrics["ema_coverage"] = coverage
+        engine.state.metrics["ensemble_seconds"] = seconds
+        self.epochs_run.append(engine.state.epoch)
+        self.logger.info(
+            f"Epoch {engine.state.epoch}: ensemble of {self._seen} items in {seconds:.1f} s; "
+            f"{100 * coverage:.1f}% of unscribbled pixels pass tau={self.tau}"
+        )
+
+    def _update_batch(self, evaluator: Engine) -> None:
+        batch, output = evaluator.state.batch, evaluator.state.output
+        if isinstance(output, (list, tuple)):  # decollated output
+            preds = [o["pred"] for o in output]
+            batch_items = list(batch)
+        else:
+            preds = list(output["pred"])
+            batch_items = [{k: v[i] for k, v in batch.items() if k in (self.id_key, self.image_key, self.scribble_key)}
+                           for i in range(len(preds))]
+        for item, logits in zip(batch_items, preds):
+            item_id = str(item[self.id_key])
+            prob = torch.softmax(logits.detach().float(), dim=0)
+            average = self.store.update(item_id, prob, self.alpha)
+            scribble = np.asarray(item[self.scribble_key].detach().cpu())[0]
+            unlabelled = scribble == self.unlabelled
+            self._passed += int(((average.max(0) > self.tau) & unlabelled).sum())
+            self._unlabelled_total += int(unlabelled.sum())
+            if self.figure_dir is not None and self._seen < self.num_figures:
+                image = np.asarray(item[self.image_key].detach().cpu())
+                save_pseudo_label_figure(
+                    self.figure_dir / f"{_SAFE.sub('_', item_id)}_epoch{self._epoch:04d}.png",
+                    image, scribble, average, tau=self.tau, unlabelled=self.unlabelled,
+                )
+            self._seen += 1
+
+
+def remove_store(root: str | os.PathLike) -> None:
+    """Delete a store folder (used to start a run from scratch)."""
+    shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,102 @@
+"""Dictionary transforms for scribble-supervised training."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from monai.transforms.traits import RandomizableTrait
+
+from s2l_monai.ensemble import EMAStore
+
+__all__ = ["EnsureImageChannelsd", "LoadPseudoLabeld"]
+
+# ITU-R BT.601 luma weights, as PIL's "L" conversion uses.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+class EnsureImageChannelsd(MapTransform):
+    """Give every image the channel count the network expects: ``CHW`` in, ``channels`` x ``HW`` out.
+
+    Microscopy files come grey, grey+alpha, RGB or RGBA (the DSB2018 PNGs are RGBA even when grey); MONAI's
+    ``EnsureChannelFirstd`` keeps whatever the file has, so this transform drops alpha, turns RGB into grey
+    (luma weights) for 1-channel networks and repeats grey for 3-channel ones.
+
+    Args:
+        keys: keys of the channel-first images.
+        channels: 1 (grey) or 3 (RGB).
+        allow_missing_keys: do not raise if a key is missing.
+    """
+
+    def __init__(self, keys: KeysCollection, channels: int = 1, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}.")
+        self.channels = channels
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.convert(d[key], key)
+        return d
+
+    def convert(self, image: torch.Tensor, key: Hashable = "image") -> torch.Tensor:
+        c = image.shape[0]
+        if c in (2, 4):  # drop alpha
+            image = image[: c - 1]
+            c -= 1
+        if c not in (1, 3):
+            raise ValueError(f"{key!r} has {image.shape[0]} channels; expected grey, grey+alpha, RGB or RGBA.")
+        if c == self.channels:
+            return image
+        if self.channels == 1:
+            weights = torch.as_tensor(_LUMA, dtype=torch.float32).view(3, *([1] * (image.ndim - 1)))
+            return (image.float() * weights).sum(0, keepdim=True)
+        return image.repeat(3, *([1] * (image.ndim - 1)))
+
+
+class LoadPseudoLabeld(MapTransform, RandomizableTrait):
+    """Load an item's current pseudo-label probabilities from an :class:`~s2l_monai.ensemble.EMAStore`.
+
+    Adds ``key`` as a float32 ``CHW`` tensor (with the reference image's metadata, so every later spatial transform
+    given this key moves it exactly like the image and the scribbles; leave it out of intensity transforms). Items
+    not ensembled yet get all-zero probabilities, which never pass ``tau`` in :class:`~s2l_monai.losses.ScribbleLoss`.
+
+    The store changes during training, so this transform is a ``RandomizableTrait``: ``CacheDataset`` caches only
+    the transforms before it and re-runs it for every sample.
+
+    Args:
+        keys: the output key (one), e.g. ``"pseudo"``.
+        store: the EMA store.
+        id_key: key of the item's id.
+        ref_key: key of the image whose spatial shape and metadata the map takes.
+    """
+
+    def __init__(self, keys: KeysCollection, store: EMAStore, id_key: str = "id", ref_key: str = "image") -> None:
+        super().__init__(keys)
+        self.store = store
+        self.id_key = id_key
+        self.ref_key = ref_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        ref = d[self.ref_key]
+        spatial = tuple(ref.shape[1:])
+        prob = self.store.probabilities(str(d[self.id_key]))
+        if prob is None:
+            prob = np.zeros((self.store.num_classes, *spatial), dtype=np.float32)
+        elif prob.shape[1:] != spatial:
+            raise ValueError(
+                f"pseudo-label of {d[self.id_key]!r} has shape {prob.shape[1:]}, its image {spatial}: the store "
+                "must be filled from un-augmented images (same preprocessing up to this transform)."
+            )
+        tensor = torch.from_numpy(np.ascontiguousarray(prob))
+        meta = dict(ref.meta) if isinstance(ref, MetaTensor) else {}
+        for key in self.keys:
+            d[key] = MetaTensor(tensor, meta=meta)
+        return d

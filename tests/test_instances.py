@@ -1,0 +1,136 @@
+"""Tests of s2l_monai.instances: connected components and distance-transform watershed post-processing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose
+from skimage.draw import disk, ellipse
+
+from s2l_monai.instances import Instancesd, connected_instances, instances_from_mask, watershed_instances
+
+
+def _two_touching_discs(radius: int = 12, separation: int = 20) -> np.ndarray:
+    """Two discs whose centres are ``separation`` px apart (< 2 * radius, so they overlap into one blob)."""
+    m = np.zeros((64, 96), dtype=bool)
+    m[disk((32, 30), radius)] = True
+    m[disk((32, 30 + separation), radius)] = True
+    return m
+
+
+@pytest.mark.parametrize(("radius", "separation"), [(12, 20), (12, 18), (8, 14), (15, 26)])
+def test_touching_discs_watershed_splits_connected_merges(radius: int, separation: int) -> None:
+    m = _two_touching_discs(radius, separation)
+    assert connected_instances(m).max() == 1
+    ws = watershed_instances(m)
+    assert ws.max() == 2
+    assert ws.dtype == np.int32
+    # The split follows the neck: each disc centre lies in a different instance, and no foreground is lost.
+    assert ws[32, 30] != ws[32, 30 + separation]
+    assert np.array_equal(ws > 0, m)
+    assert watershed_instances(m, markers="peaks").max() == 2
+
+
+@pytest.mark.parametrize(("a", "b"), [(25, 10), (30, 8), (40, 12), (15, 6)])
+@pytest.mark.parametrize("rotation", np.linspace(0, np.pi, 7)[:-1].tolist())
+def test_single_elongated_nucleus_not_oversegmented(a: int, b: int, rotation: float) -> None:
+    # Elongated ellipses up to aspect 3.75 at 6 orientations: the distance ridge has pixelation bumps (twin maxima
+    # at rotated angles), which the h-maxima markers must ignore.
+    m = np.zeros((100, 100), dtype=bool)
+    m[ellipse(50, 50, a, b, rotation=rotation)] = True
+    assert watershed_instances(m).max() == 1
+    assert connected_instances(m).max() == 1
+
+
+def test_small_objects_removed_at_min_size() -> None:
+    m = np.zeros((40, 40), dtype=bool)
+    m[2:9, 2:9] = True  # 7 x 7 = 49 px < 64: removed
+    m[20:28, 20:28] = True  # 8 x 8 = 64 px, not "under 64": kept
+    for method in ("connected", "watershed"):
+        lab = instances_from_mask(m, method=method)
+        assert lab.max() == 1
+        assert not lab[2:9, 2:9].any()
+        assert (lab[20:28, 20:28] > 0).all()
+    # min_size=1 keeps everything.
+    assert connected_instances(m, min_size=1).max() == 2
+
+
+def test_holes_filled() -> None:
+    m = np.zeros((50, 50), dtype=bool)
+    m[disk((25, 25), 15)] = True
+    full = m.copy()
+    m[disk((25, 25), 5)] = False  # hole inside the nucleus
+    lab = connected_instances(m)
+    assert lab.max() == 1
+    assert np.array_equal(lab > 0, full)
+    assert np.array_equal(watershed_instances(m) > 0, full)
+    assert not (connected_instances(m, fill_holes=False)[25, 25])
+
+
+def test_probability_input_is_thresholded() -> None:
+    prob = np.zeros((40, 40), dtype=np.float32)
+    prob[5:20, 5:20] = 0.9
+    prob[25:38, 25:38] = 0.4  # below 0.5: background
+    assert connected_instances(prob).max() == 1
+    assert connected_instances(prob, threshold=0.3).max() == 2
+
+
+def test_3d_connected_components() -> None:
+    vol = np.zeros((10, 30, 30), dtype=bool)
+    vol[1:6, 2:8, 2:8] = True  # 5*6*6 = 180 voxels
+    vol[4:9, 15:25, 15:25] = True
+    vol[0, 28, 28] = True  # single voxel: removed
+    lab = connected_instances(vol)
+    assert lab.shape == vol.shape and lab.dtype == np.int32
+    assert lab.max() == 2
+    assert watershed_instances(vol).max() == 2
+
+
+def test_empty_and_full_masks() -> None:
+    empty = np.zeros((32, 32), dtype=bool)
+    assert connected_instances(empty).max() == 0
+    assert watershed_instances(empty).max() == 0
+    full = np.ones((32, 32), dtype=bool)
+    assert watershed_instances(full).max() == 1 and (watershed_instances(full) == 1).all()
+
+
+def test_dispatch_unknown_method() -> None:
+    m = _two_touching_discs()
+    assert instances_from_mask(m, "connected").max() == 1
+    assert instances_from_mask(m).max() == 2  # watershed is the default
+    with pytest.raises(ValueError, match="unknown instance method"):
+        instances_from_mask(m, "stardist")
+    with pytest.raises(ValueError, match="unknown markers"):
+        watershed_instances(m, markers="random")
+
+
+def test_instancesd_binary_and_softmax_inputs() -> None:
+    m = _two_touching_discs()
+    binary = torch.as_tensor(m[None].astype(np.float32))  # 1HW
+    fg = torch.as_tensor(m, dtype=torch.float32)
+    softmax = torch.stack([1.0 - 0.9 * fg - 0.05, 0.9 * fg + 0.05])  # 2HW, channel 1 = foreground
+    out = Instancesd(keys=["pred", "prob"], method="watershed")({"pred": binary, "prob": softmax})
+    for key in ("pred_instances", "prob_instances"):
+        assert isinstance(out[key], torch.Tensor)
+        assert out[key].dtype == torch.int32
+        assert tuple(out[key].shape) == (1, *m.shape)
+        assert int(out[key].max()) == 2
+    assert out["pred"] is binary  # input kept
+
+    conn = Instancesd(keys="pred", method="connected", output_key="pred")({"pred": m[None].astype(np.uint8)})
+    assert int(conn["pred"].max()) == 1 and conn["pred"].dtype == torch.int32
+
+
+def test_instancesd_in_compose_keeps_meta() -> None:
+    m = _two_touching_discs()
+    img = MetaTensor(torch.as_tensor(m[None], dtype=torch.float32), meta={"filename_or_obj": "x.png"})
+    post = Compose([Instancesd(keys="pred", min_size=64, h=2.0)])
+    out = post({"pred": img})["pred_instances"]
+    assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "x.png"
+    assert int(out.max()) == 2
+    with pytest.raises(ValueError, match="unknown instance method"):
+        Instancesd(keys="pred", method="nope")
+    with pytest.raises(ValueError, match="output keys"):
+        Instancesd(keys=["a", "b"], output_key="c")
