@@ -1,0 +1,79 @@
+"""Real ``python -m monai.bundle run`` of configs/train.json in a subprocess, and resuming from its checkpoint."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from s2l_monai.data.synthetic import make_synthetic_dataset
+from s2l_monai.ensemble import EMAStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def _run(*overrides: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json", *overrides]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    make_synthetic_dataset(root / "data", n_train=4, n_val=1, n_test=1, shape=(96, 96), seed=3)
+    common = [
+        "--dataset_dir", str(root / "data"), "--output_dir", str(root / "out"), "--ckpt_dir", str(root / "models"),
+        "--warmup_epochs", "1", "--ema_every", "2", "--num_workers", "0", "--roi_size", "[64,64]",
+        "--infer_roi_size", "[64,64]", "--batch_size", "4", "--num_samples", "2",
+    ]
+    proc = _run(*common, "--max_epochs", "2")
+    return root, common, proc
+
+
+def test_training_run_writes_checkpoint_with_ema_store(trained):
+    root, _, proc = trained
+    log = proc.stdout + proc.stderr
+    assert re.search(r"Epoch\[2\] Metrics -- .*ema_coverage", log), log[-3000:]
+    assert (root / "models" / "model.pt").is_file()
+    ckpt = torch.load(root / "models" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
+    assert set(ckpt) >= {"network", "optimizer", "lr_scheduler", "ema_store", "trainer"}
+    assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]
+    assert sorted(ckpt["ema_store"]["items"]) == [f"images__synth_00{i}" for i in range(4)]
+    assert all(v.shape == (1, 96, 96) for v in ckpt["ema_store"]["items"].values())
+    figures = sorted((root / "out" / "pseudo_labels").glob("*.png"))
+    assert len(figures) == 4 and all(f.name.endswith("_epoch0002.png") for f in figures)
+    assert list((root / "out" / "tensorboard").glob("events.out.tfevents.*"))
+    # the network weights alone, loadable into the configured network
+    from monai.networks.nets import UNet
+
+    net = UNet(2, 1, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)
+    net.load_state_dict(torch.load(root / "models" / "model.pt", map_location="cpu"))
+
+
+def test_resume_restores_ema_store_and_epoch(trained):
+    root, common, _ = trained
+    saved = torch.load(root / "models" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
+    shutil.rmtree(root / "out" / "ema")  # lose the store: only the checkpoint can bring it back
+    ckpt = shutil.copy(root / "models" / "checkpoint_final.pt", root / "resume.pt")
+    proc = _run(*common, "--max_epochs", "3", "--resume_from", str(ckpt))
+    log = proc.stdout + proc.stderr
+    assert "Epoch[3] Metrics" in log and "Epoch[1] Metrics" not in log, log[-3000:]
+    # epoch 3 runs no ensemble (every 2), so the store holds exactly what the checkpoint held
+    store = EMAStore(root / "out" / "ema", num_classes=2)
+    assert store.ids() == sorted(saved["ema_store"]["items"])
+    for key, value in saved["ema_store"]["items"].items():
+        np.testing.assert_array_equal(np.load(store.path(key)), value.numpy())
+    resumed = torch.load(root / "models" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
+    assert resumed["trainer"]["iteration"] == 3 * resumed["trainer"]["epoch_length"]

@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Compose, EnsureTyped
+from monai.utils import set_determinism
+from PIL import Image
+
+from s2l_monai.ensemble import EMAStore
+from s2l_monai.transforms import EnsureImageChannelsd, LoadPseudoLabeld
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train.json"
+SHAPE = (96, 80)  # not square, so a transposition would show
+
+
+def _pattern() -> np.ndarray:
+    rows, cols = np.indices(SHAPE)
+    return (((rows // 16) + (cols // 16)) % 2).astype(np.uint8)
+
+
+@pytest.fixture()
+def pipeline(tmp_path):
+    """The training transforms exactly as configs/train.json wires them, on a block pattern in image, scribble
+    (fully labelled) and pseudo-label."""
+    pattern = _pattern()
+    Image.fromarray((50 + 150 * pattern).astype(np.uint8)).save(tmp_path / "img.png")
+    Image.fromarray(pattern).save(tmp_path / "scr.png")
+    parser = ConfigParser()
+    parser.read_config(str(CONFIG))
+    parser["output_dir"] = str(tmp_path / "out")
+    store = parser.get_parsed_content("ema_store")
+    fg = 0.05 + 0.9 * pattern.astype(np.float32)
+    store.update("item", np.stack([1 - fg, fg]), alpha=1.0)
+    load = parser.get_parsed_content("load_transforms")
+    augment = parser.get_parsed_content("train#augmentation")
+    item = {"id": "item", "image": str(tmp_path / "img.png"), "scribble": str(tmp_path / "scr.png")}
+    return load, augment, item
+
+
+def _agreement(sample) -> tuple[float, float]:
+    image = sample["image"][0].numpy()
+    scribble = sample["scribble"][0].numpy()
+    pseudo = sample["pseudo"][1].numpy()
+    assert set(np.unique(scribble)) <= {0.0, 1.0}, "padding or interpolation invented scribble values"
+    bright = image > (image.min() + image.max()) / 2
+    return float((bright == (scribble == 1)).mean()), float(((pseudo > 0.5) == (scribble == 1)).mean())
+
+
+def _spatial(augment):
+    return [t for t in augment if set(getattr(t, "keys", ())) >= {"image", "scribble", "pseudo"}
+            and not isinstance(t, (LoadPseudoLabeld, EnsureTyped))]
+
+
+def test_loaded_in_numpy_orientation(pipeline):
+    load, _, item = pipeline
+    data = Compose(load)(item)
+    assert tuple(data["image"].shape) == (1, *SHAPE)
+    np.testing.assert_array_equal(data["scribble"][0].numpy(), _pattern())
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_each_spatial_augmentation_keeps_alignment(pipeline, index):
+    load, augment, item = pipeline
+    spatial = _spatial(augment)
+    assert len(spatial) == 6, [type(t).__name__ for t in spatial]
+    transform = copy.deepcopy(spatial[index])
+    if hasattr(transform, "prob"):
+        transform.prob = 1.0
+    if hasattr(transform, "rand_affine"):
+        transform.rand_affine.prob = 1.0
+    data = augment[0](Compose(load)(item))
+    for seed in range(5):
+        if hasattr(transform, "set_random_state"):
+            transform.set_random_state(seed)
+        out = transform(data)
+        for sample in out if isinstance(out, list) else [out]:
+            image_agree, pseudo_agree = _agreement(sample)
+            assert image_agree > 0.95 and pseudo_agree > 0.95, (type(transform).__name__, seed)
+
+
+def test_full_pipeline_alignment_and_a_negative_control(pipeline):
+    load, augment, item = pipeline
+    set_determinism(0)
+    full = Compose(load + augment)
+    scores = [min(_agreement(s)) for _ in range(8) for s in full(item)]
+    assert min(scores) > 0.95
+    # negative control: the pseudo-label left out of the rotation/affine transform must be caught by this check
+    broken = copy.deepcopy(augment)
+    affine = next(t for t in broken if type(t).__name__ == "RandAffined")
+    affine.keys = ("image", "scribble")
+    affine.mode = affine.mode[:2]
+    affine.padding_mode = affine.padding_mode[:2]
+    affine.prob = affine.rand_affine.prob = 1.0
+    affine.rand_affine.rand_affine_grid.rotate_range = ((0.6, 0.6),)
+    set_determinism(0)
+    bad = [_agreement(s)[1] for _ in range(4) for s in Compose(load + broken)(item)]
+    assert min(bad) < 0.9
+
+
+def test_pseudo_label_defaults_to_zero_and_is_not_cached(tmp_path):
+    store = EMAStore(tmp_path, num_classes=2)
+    transform = LoadPseudoLabeld("pseudo", store=store)
+    data = {"id": "x", "image": torch.zeros(1, 4, 5)}
+    assert torch.equal(transform(data)["pseudo"], torch.zeros(2, 4, 5))
+    store.update("x", np.full((2, 4, 5), 0.5, np.float32), alpha=1.0)
+    assert torch.allclose(transform(data)["pseudo"], torch.full((2, 4, 5), 0.5))
+    from monai.transforms.traits import RandomizableTrait
+
+    assert isinstance(transform, RandomizableTrait)
+    with pytest.raises(ValueError, match="shape"):
+        transform({"id": "x", "image": torch.zeros(1, 6, 5)})
+
+
+@pytest.mark.parametrize("channels_in,channels_out", [(1, 1), (2, 1), (3, 1), (4, 1), (1, 3), (4, 3), (3, 3)])
+def test_ensure_image_channels(channels_in, channels_out):
+    image = torch.rand(channels_in, 5, 6)
+    out = EnsureImageChannelsd("image", channels=channels_out)({"image": image})["image"]
+    assert out.shape == (channels_out, 5, 6)
+    if channels_in in (3, 4) and channels_out == 1:
+        expected = 0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]
+        torch.testing.assert_close(out[0], expected)
