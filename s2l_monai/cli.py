@@ -102,6 +102,82 @@ def _cmd_prepare_folder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(subparsers: Any) -> None:
+    """Register ``s2l evaluate``."""
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="score instance label images already on disk against full masks (IoU, mDice, DSB, F1, PQ, AJI)",
+        description=(
+            "Compare predicted instance label images <name>_instances.* (e.g. from configs/inference.json or "
+            "another tool) with ground-truth label images <name>.* (instance maps, or binary masks split into "
+            "connected components) and write metrics.csv, summary.json and summary.md."
+        ),
+    )
+    evaluate.add_argument("--pred", required=True, help="folder of predictions <name><pred-suffix>.png|tif")
+    evaluate.add_argument("--gt", required=True, help="folder of ground-truth label images <name>.png|tif")
+    evaluate.add_argument("--out", default=None, help="folder for the reports (default: the --pred folder)")
+    evaluate.add_argument(
+        "--pred-suffix", default="_instances", help="suffix of the prediction base names (default _instances)"
+    )
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+
+def _print_summary(paths: dict[str, Any]) -> None:
+    """Print the written report paths and the Markdown summary."""
+    print(paths["md"].read_text().rstrip())
+    print(f"Wrote {paths['csv']}, {paths['json']} and {paths['md']}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """Run :func:`s2l_monai.evaluation.evaluate_folders` and write the reports."""
+    from s2l_monai.evaluation import evaluate_folders
+    from s2l_monai.metrics import write_reports
+
+    records = evaluate_folders(args.pred, args.gt, pred_suffix=args.pred_suffix)
+    _print_summary(write_reports(records, args.out if args.out is not None else args.pred))
+    return 0
+
+
+def _add_otsu(subparsers: Any) -> None:
+    """Register ``s2l otsu``."""
+    otsu = subparsers.add_parser(
+        "otsu",
+        help="no-learning baseline: Otsu threshold + the same instance post-processing and metrics",
+        description=(
+            "Segment the labelled images of a datalist split by Otsu's threshold on the preprocessed grey image "
+            "(nuclei = the side with less area), post-process to instances like the network and write "
+            "metrics.csv, summary.json and summary.md."
+        ),
+    )
+    otsu.add_argument("--datalist", required=True, help="datalist.json, or the dataset folder holding it")
+    otsu.add_argument("--split", default="test", help="datalist section to evaluate (default test)")
+    otsu.add_argument("--out", default="runs/otsu", help="folder for the reports (default runs/otsu)")
+    otsu.add_argument(
+        "--instance-method", default="watershed", choices=["watershed", "connected"], help="default watershed"
+    )
+    otsu.add_argument("--min-size", type=int, default=64, help="remove objects under this many pixels (default 64)")
+    otsu.add_argument(
+        "--save-predictions", action="store_true", help="also write <name>_semantic.png / _instances.png to OUT"
+    )
+    otsu.set_defaults(func=_cmd_otsu)
+
+
+def _cmd_otsu(args: argparse.Namespace) -> int:
+    """Run :func:`s2l_monai.evaluation.otsu_baseline` on a datalist split and write the reports."""
+    from s2l_monai.evaluation import labelled_items, otsu_baseline
+    from s2l_monai.metrics import write_reports
+
+    items = labelled_items(args.datalist, args.split)
+    records = otsu_baseline(
+        items,
+        instance_method=args.instance_method,
+        min_size=args.min_size,
+        prediction_dir=args.out if args.save_predictions else None,
+    )
+    _print_summary(write_reports(records, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``s2l`` argument parser with all commands registered."""
     parser = argparse.ArgumentParser(
@@ -112,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_prepare(commands)
+    _add_evaluate(commands)
+    _add_otsu(commands)
     return parser
 
 
