@@ -119,6 +119,9 @@ def _add_evaluate(subparsers: Any) -> None:
     evaluate.add_argument(
         "--pred-suffix", default="_instances", help="suffix of the prediction base names (default _instances)"
     )
+    evaluate.add_argument(
+        "--require-all", action="store_true", help="fail if a ground-truth image has no prediction (default: warn)"
+    )
     evaluate.set_defaults(func=_cmd_evaluate)
 
 
@@ -133,7 +136,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from s2l_monai.evaluation import evaluate_folders
     from s2l_monai.metrics import write_reports
 
-    records = evaluate_folders(args.pred, args.gt, pred_suffix=args.pred_suffix)
+    records = evaluate_folders(args.pred, args.gt, pred_suffix=args.pred_suffix, require_all=args.require_all)
     _print_summary(write_reports(records, args.out if args.out is not None else args.pred))
     return 0
 

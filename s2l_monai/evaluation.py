@@ -85,13 +85,16 @@ def gt_instances(label: np.ndarray) -> np.ndarray:
     return arr.astype(np.int32)
 
 
-def labelled_items(dataset_dir: str | os.PathLike, split: str = "test") -> list[dict[str, Any]]:
+def labelled_items(
+    dataset_dir: str | os.PathLike, split: str = "test", filename: str = "datalist.json"
+) -> list[dict[str, Any]]:
     """The items of a datalist split that carry a full mask (``label``).
 
     Args:
-        dataset_dir: dataset folder holding ``datalist.json``, or the datalist file
+        dataset_dir: dataset folder holding the datalist, or the datalist file
             (see :func:`s2l_monai.data.datalist.load_datalist`).
         split: datalist section, e.g. ``"test"``.
+        filename: datalist file name inside ``dataset_dir`` (config key ``datalist_name``).
 
     Returns:
         The items with a ``label`` (absolute paths).
@@ -101,7 +104,7 @@ def labelled_items(dataset_dir: str | os.PathLike, split: str = "test") -> list[
     """
     from s2l_monai.data.datalist import load_datalist
 
-    items = load_datalist(dataset_dir, split, required=("image",))
+    items = load_datalist(dataset_dir, split, filename=filename, required=("image",))
     labelled = [item for item in items if item.get("label")]
     if not labelled:
         raise ValueError(f"{dataset_dir}: no item of the {split!r} split has a 'label' (full mask) to evaluate against")
@@ -246,6 +249,7 @@ def evaluate_folders(
     gt_dir: str | os.PathLike,
     pred_suffix: str = "_instances",
     semantic_suffix: str = "_semantic",
+    require_all: bool = False,
 ) -> list[dict[str, Any]]:
     """Compare instance label images already on disk, paired by base name.
 
@@ -254,17 +258,22 @@ def evaluate_folders(
     :func:`gt_instances`). Where ``<name><semantic_suffix>.*`` exists beside the prediction, it is the semantic
     prediction for the IoU (as in ``configs/evaluate.json``); otherwise the IoU uses ``instances > 0``.
 
+    Only names present on both sides are scored: a ground-truth folder usually holds the labels of every split while
+    the predictions cover the test images. Unpaired files are logged as a warning; ``require_all`` makes a
+    ground-truth image without a prediction an error instead.
+
     Args:
         pred_dir: folder of predictions.
         gt_dir: folder of ground-truth label images.
         pred_suffix: suffix of the prediction base names ("" for files named exactly like the ground truth).
         semantic_suffix: suffix of optional semantic masks ("" to ignore them).
+        require_all: every ground-truth image must have a prediction.
 
     Returns:
-        One :func:`~s2l_monai.metrics.evaluate_pair` record per ground-truth image, sorted by name.
+        One :func:`~s2l_monai.metrics.evaluate_pair` record per pair, sorted by name.
 
     Raises:
-        ValueError: no ground truth, or ground-truth images without a prediction (all are listed).
+        ValueError: no pair at all, or (with ``require_all``) ground-truth images without a prediction.
     """
     pred_root, gt_root = Path(pred_dir), Path(gt_dir)
     gts = _index_folder(gt_root)
@@ -273,16 +282,22 @@ def evaluate_folders(
     preds = _index_folder(pred_root, pred_suffix)
     semantics = _index_folder(pred_root, semantic_suffix) if semantic_suffix and semantic_suffix != pred_suffix else {}
     missing = sorted(set(gts) - set(preds))
+    message = (
+        f"{len(missing)} ground-truth image(s) in {gt_root} have no prediction '<name>{pred_suffix}.*' in "
+        f"{pred_root}: " + ", ".join(missing[:20])
+    )
+    if missing and require_all:
+        raise ValueError(message)
     if missing:
-        raise ValueError(
-            f"{len(missing)} ground-truth image(s) in {gt_root} have no prediction '<name>{pred_suffix}.*' in "
-            f"{pred_root}: " + ", ".join(missing[:20])
-        )
+        logger.warning(message + " (not scored)")
     extra = sorted(set(preds) - set(gts))
     if extra:
         logger.warning(f"{len(extra)} prediction(s) without ground truth ignored: {', '.join(extra[:20])}")
+    names = sorted(set(gts) & set(preds))
+    if not names:
+        raise ValueError(f"no prediction in {pred_root} ('<name>{pred_suffix}.*') matches a label image in {gt_root}")
     records = []
-    for name in sorted(gts):
+    for name in names:
         pred = gt_instances(_read_hw(preds[name]))
         semantic = _read_hw(semantics[name]) > 0 if name in semantics else None
         records.append(evaluate_pair(pred, gt_instances(_read_hw(gts[name])), semantic, name=name))

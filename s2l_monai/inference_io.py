@@ -21,12 +21,34 @@ from monai.transforms import MapTransform
 from monai.utils import ensure_tuple_rep
 from PIL import Image
 
-__all__ = ["IMAGE_EXTENSIONS", "SaveArrayd", "image_stem", "list_images", "source_name", "write_array"]
+__all__ = ["IMAGE_EXTENSIONS", "SaveArrayd", "as_bool", "image_stem", "list_images", "source_name", "write_array"]
 
 #: File types read as input images (case-insensitive).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 _OUTPUT_EXTENSIONS = (".png", ".tif", ".tiff")
 _STEM = re.compile(r"(\.ome\.tiff?|\.[A-Za-z0-9]+)$", re.IGNORECASE)
+
+
+def as_bool(value: Any) -> bool:
+    """A config flag as a bool, whether it came from JSON (``true``) or the command line.
+
+    ``python -m monai.bundle run ... --save_probabilities false`` hands the config the *string* ``"false"`` (fire
+    only turns ``False`` into a bool), which plain ``not @flag`` would treat as true.
+
+    Args:
+        value: bool, number, or one of ``true/false, yes/no, on/off, 1/0`` in any case.
+
+    Raises:
+        ValueError: an unrecognised string.
+    """
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0", ""):
+            return False
+        raise ValueError(f"expected a boolean flag, got {value!r}")
+    return bool(value)
 
 
 def image_stem(path: str | os.PathLike) -> str:
@@ -177,7 +199,8 @@ class SaveArrayd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        for key, postfix, ext, dtype, scale in self.key_iterator(d, self.postfixes, self.exts, self.dtypes, self.scales):
+        per_key = (self.postfixes, self.exts, self.dtypes, self.scales)
+        for key, postfix, ext, dtype, scale in self.key_iterator(d, *per_key):
             value = d[key]
             arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
             if arr.ndim == 3 and arr.shape[0] == 1:

@@ -1,0 +1,829 @@
+"""DSB2018 (BBBC038) reproduction benchmark of Scribble2Label: the paper's Table 1 DSB columns and Table 2.
+
+Resumable: every finished run appends one record to ``benchmarks/results/dsb.json`` (written atomically) and a
+rerun skips the (dataset, ratio, method, seed) records already there; ``benchmarks/results/dsb.md`` is regenerated
+after every run. See ``benchmarks/README.md``.
+
+Examples::
+
+    .venv/bin/python benchmarks/dsb.py --zip ../shared/data/bbbc038/stage1_train.zip --work /tmp/s2l_dsb
+    .venv/bin/python benchmarks/dsb.py --zip ... --work /tmp/s2l_dsb --list
+    .venv/bin/python benchmarks/dsb.py --zip ... --work /tmp/s2l_dsb --only fluorescence:30:s2l:0 --max-runs 1
+    .venv/bin/python benchmarks/dsb.py --report-only
+
+Every method is an override of the SAME ``configs/train.json`` (see :data:`METHOD_OVERRIDES`), and every model
+is evaluated on the test split by ``configs/evaluate.json`` twice: connected components (the paper's
+post-processing, the primary numbers) and distance-transform watershed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+try:
+    from benchmarks import common
+except ImportError:  # run as a script: python benchmarks/dsb.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import common
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+DEFAULT_ZIP = REPO_ROOT.parent / "shared" / "data" / "bbbc038" / "stage1_train.zip"
+DOWNLOAD_URL = "https://bbbc.broadinstitute.org/BBBC038"
+
+# --------------------------------------------------------------------------------------------------------------
+# Profiles. ``cpu``: each training run must take at most 10 minutes on 2 CPU cores.
+# PLACEHOLDER VALUES: the lead engineer sets the measured ones here (and only here).
+# --------------------------------------------------------------------------------------------------------------
+CPU_PROFILE: dict[str, Any] = {
+    "max_epochs": 40,
+    "warmup_epochs": 15,
+    "ema_every": 5,
+    "roi_size": [128, 128],
+    "num_samples": 2,
+    "batch_size": 16,
+    "learning_rate": 1e-3,
+    "num_workers": 1,
+}
+#: Per-modality changes on top of a profile: bright-field has only ~10 training images, but of 1024², so more
+#: patches per image (per epoch) keep the number of optimisation steps comparable.
+CPU_MODALITY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "brightfield": {"num_samples": 8},
+}
+#: ``paper``: the authors' recipe from ``configs/paper.json`` (for a GPU), no further overrides.
+PAPER_PROFILE: dict[str, Any] = {}
+PROFILES: dict[str, dict[str, Any]] = {"cpu": CPU_PROFILE, "paper": PAPER_PROFILE}
+PROFILE_CONFIGS: dict[str, list[str]] = {
+    "cpu": ["configs/train.json"],
+    "paper": ["configs/train.json", "configs/paper.json"],
+}
+#: ``--smoke`` (hidden): a 1-epoch run on a few images, to check the harness end to end in ~1-2 minutes.
+SMOKE_OVERRIDES: dict[str, Any] = {"max_epochs": 1, "warmup_epochs": 0, "ema_every": 1, "num_workers": 0}
+SMOKE_LIMIT = 15  # images per modality given to prepare_dsb2018(limit=...)
+
+# --------------------------------------------------------------------------------------------------------------
+# Methods, datasets, plan
+# --------------------------------------------------------------------------------------------------------------
+#: Each baseline is an override of the same configs/train.json.
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
+    "s2l": {},  # Scribble2Label: the defaults
+    "pce": {"lambda_up": 0},  # partial cross-entropy on the scribbles only
+    "pseudo": {"ema_alpha": 1.0},  # threshold the latest prediction at tau, no averaging over time
+    "full": {"lambda_up": 0},  # full masks as scribbles everywhere (datalist_full.json)
+}
+METHOD_LABELS: dict[str, str] = {
+    "pce": "pCE only",
+    "pseudo": "Pseudo-label",
+    "s2l": "Scribble2Label",
+    "full": "Full",
+    "otsu": "Otsu (no learning)",
+}
+DATASETS: dict[str, str] = {"fluorescence": "dsb_fluo", "brightfield": "dsb_bf", "histopathology": "dsb_histo"}
+MODALITY_OF: dict[str, str] = {v: k for k, v in DATASETS.items()}
+DATASET_LABELS: dict[str, str] = {"dsb_bf": "DSB-BF", "dsb_fluo": "DSB-Fluo", "dsb_histo": "DSB-Histo"}
+IN_CHANNELS: dict[str, int] = {"fluorescence": 1, "brightfield": 1, "histopathology": 3}
+KEY_FIELDS: tuple[str, ...] = ("dataset", "ratio", "method", "seed")
+REQUIRED_KEYS: tuple[str, ...] = (
+    "dataset", "ratio", "method", "seed", "iou", "mdice", "dsb_score", "pq", "train_seconds", "peak_rss_mb",
+)
+
+# Paper numbers, IoU [mDice], Lee & Jeong, MICCAI 2020 (arXiv 2006.12890), as restated in
+# /work/shared/docs/method.md. The paper's mDice is its own (per-image, defective) variant: compare it with our
+# ``mdice_paper``; our table cells show the correct pooled mDice.
+# Table 1 (DSB columns; 30% scribbles for the scribble methods):
+PAPER_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
+    "pce": {"dsb_bf": (0.7954, 0.7351), "dsb_fluo": (0.8293, 0.8375), "dsb_histo": (0.7804, 0.7173)},
+    "pseudo": {"dsb_bf": (0.6177, 0.6826), "dsb_fluo": (0.8109, 0.8136), "dsb_histo": (0.7888, 0.7096)},
+    "s2l": {"dsb_bf": (0.8236, 0.7663), "dsb_fluo": (0.8426, 0.8443), "dsb_histo": (0.7970, 0.7246)},
+    "full": {"dsb_bf": (0.8774, 0.7879), "dsb_fluo": (0.8688, 0.8390), "dsb_histo": (0.8134, 0.7014)},
+}
+# Table 2 (DSB-Fluo, automatic scribbles at 10/30/50/100%):
+PAPER_TABLE2: dict[str, dict[float, tuple[float, float]]] = {
+    "pce": {0.1: (0.7996, 0.8136), 0.3: (0.8180, 0.8251), 0.5: (0.8189, 0.8204), 1.0: (0.8098, 0.8263)},
+    "pseudo": {0.1: (0.7920, 0.8086), 0.3: (0.7984, 0.8236), 0.5: (0.8316, 0.8392), 1.0: (0.8283, 0.8251)},
+    "s2l": {0.1: (0.8274, 0.8188), 0.3: (0.8539, 0.8407), 0.5: (0.8497, 0.8406), 1.0: (0.8588, 0.8443)},
+}
+RATIOS: tuple[float, ...] = (0.1, 0.3, 0.5, 1.0)
+TARGET_S2L_IOU_30 = 0.854  # issue 3: S2L at 30% scribbles on DSB-Fluo, IoU >= 0.854 (paper 0.8539)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One benchmark run: a dataset (modality), scribble ratio (``None``: full masks / no training), method, seed."""
+
+    modality: str
+    ratio: float | None
+    method: str
+    seed: int | None
+
+    @property
+    def dataset(self) -> str:
+        return DATASETS[self.modality]
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return record_key({"dataset": self.dataset, "ratio": self.ratio, "method": self.method, "seed": self.seed})
+
+    @property
+    def ratio_tag(self) -> str:
+        return "full" if self.ratio is None else str(round(self.ratio * 100))
+
+    @property
+    def datalist_name(self) -> str:
+        """Training datalist; Otsu is evaluated on the test split of the 30% one (same split everywhere)."""
+        if self.method == "full":
+            return "datalist_full.json"
+        return f"datalist_{'30' if self.ratio is None else self.ratio_tag}.json"
+
+    @property
+    def run_id(self) -> str:
+        seed = "-" if self.seed is None else self.seed
+        return f"{self.modality}:{self.ratio_tag}:{self.method}:{seed}"
+
+    @property
+    def dir_name(self) -> str:
+        seed = "na" if self.seed is None else f"s{self.seed}"
+        return f"{self.dataset}_{self.ratio_tag}_{self.method}_{seed}"
+
+
+def record_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    """The resume key of a record: (dataset, ratio rounded, method, seed)."""
+    ratio = record.get("ratio")
+    return (
+        record.get("dataset"),
+        None if ratio is None else round(float(ratio), 6),
+        record.get("method"),
+        record.get("seed"),
+    )
+
+
+def build_plan() -> list[RunSpec]:
+    """All runs, most important first (about 25 trainings plus 3 Otsu evaluations).
+
+    Order: DSB-Fluo 30% S2L / pCE / Pseudo / Full seed 0, the Otsu line of DSB-Fluo, the same four with seed 1,
+    DSB-Fluo 10/50/100% (seed 0), then bright-field and histopathology at 30% with their Full and Otsu lines.
+    """
+    fl, bf, hi = "fluorescence", "brightfield", "histopathology"
+    plan: list[RunSpec] = []
+    for seed in (0, 1):
+        plan += [RunSpec(fl, 0.3, m, seed) for m in ("s2l", "pce", "pseudo")]
+        plan.append(RunSpec(fl, None, "full", seed))
+        if seed == 0:
+            plan.append(RunSpec(fl, None, "otsu", None))
+    for ratio in (0.1, 0.5, 1.0):
+        plan += [RunSpec(fl, ratio, m, 0) for m in ("s2l", "pce", "pseudo")]
+    for modality in (bf, hi):
+        plan += [RunSpec(modality, 0.3, m, 0) for m in ("s2l", "pce", "pseudo")]
+        plan.append(RunSpec(modality, None, "full", 0))
+        plan.append(RunSpec(modality, None, "otsu", None))
+    return plan
+
+
+def _parse_only(spec: str) -> tuple[str, str, str, str]:
+    parts = spec.split(":")
+    if len(parts) != 4:
+        raise ValueError(f"--only {spec!r}: expected MODALITY:RATIO:METHOD:SEED, e.g. fluorescence:30:s2l:0 "
+                         "(RATIO 10/30/50/100 or full; SEED '-' for otsu; '*' matches anything)")
+    modality = MODALITY_OF.get(parts[0], parts[0])
+    if modality != "*" and modality not in DATASETS:
+        raise ValueError(f"--only {spec!r}: unknown modality {parts[0]!r}; choose from {list(DATASETS)}")
+    return modality, parts[1], parts[2], parts[3]
+
+
+def select_plan(plan: Sequence[RunSpec], only: Sequence[str] | None) -> list[RunSpec]:
+    """The runs of ``plan`` matching any ``--only`` pattern (all of them without patterns), in plan order."""
+    if not only:
+        return list(plan)
+    patterns = [_parse_only(s) for s in only]
+
+    def match(run: RunSpec, pat: tuple[str, str, str, str]) -> bool:
+        seed = "-" if run.seed is None else str(run.seed)
+        return all(p == "*" or p == v for p, v in zip(pat, (run.modality, run.ratio_tag, run.method, seed)))
+
+    selected = [r for r in plan if any(match(r, p) for p in patterns)]
+    if not selected:
+        raise ValueError(f"--only {list(only)} matches no run of the plan; see --list")
+    return selected
+
+
+def pending_runs(plan: Sequence[RunSpec], records: Sequence[dict[str, Any]]) -> list[RunSpec]:
+    """The runs of ``plan`` without a record yet."""
+    done = {record_key(r) for r in records}
+    return [r for r in plan if r.key not in done]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _cli_value(value: Any) -> str:
+    """An override value as the MONAI bundle CLI (python-fire) parses it back."""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _config_arg(files: Sequence[str]) -> str:
+    return files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
+
+
+def train_overrides(run: RunSpec, profile: str, smoke: bool = False) -> dict[str, Any]:
+    """Bundle overrides of one training run: profile, modality tweaks, method, smoke (later ones win)."""
+    over: dict[str, Any] = dict(PROFILES[profile])
+    if profile == "cpu":
+        over.update(CPU_MODALITY_OVERRIDES.get(run.modality, {}))
+    over.update(METHOD_OVERRIDES[run.method])
+    if smoke:
+        over.update(SMOKE_OVERRIDES)
+    return over
+
+
+def train_command(run: RunSpec, profile: str, dataset_dir: Path, run_dir: Path, smoke: bool = False) -> list[str]:
+    """``python -m monai.bundle run training ...`` for one run (cwd = repository root)."""
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "training",
+        "--config_file", _config_arg(PROFILE_CONFIGS[profile]),
+        "--dataset_dir", str(dataset_dir),
+        "--datalist_name", run.datalist_name,
+        "--output_dir", str(run_dir / "train"),
+        "--ckpt_dir", str(run_dir / "ckpt"),
+        "--seed", str(run.seed),
+        "--in_channels", str(IN_CHANNELS[run.modality]),
+    ]
+    for key, value in train_overrides(run, profile, smoke).items():
+        cmd += [f"--{key}", _cli_value(value)]
+    return cmd
+
+
+def eval_command(
+    run: RunSpec, profile: str, dataset_dir: Path, ckpt: Path, out_dir: Path, instance_method: str
+) -> list[str]:
+    """``python -m monai.bundle run evaluate ...`` on the test split (the ``paper`` profile adds its network)."""
+    files = ["configs/inference.json", "configs/evaluate.json"]
+    if profile == "paper":
+        files.append("configs/paper.json")  # same network_def as in training
+    return [
+        sys.executable, "-m", "monai.bundle", "run", "evaluate",
+        "--config_file", _config_arg(files),
+        "--dataset_dir", str(dataset_dir),
+        "--datalist_name", run.datalist_name,
+        "--ckpt_path", str(ckpt),
+        "--output_dir", str(out_dir),
+        "--instance_method", instance_method,
+        "--in_channels", str(IN_CHANNELS[run.modality]),
+    ]
+
+
+def otsu_command(dataset_dir: Path, datalist_name: str, out_dir: Path, instance_method: str) -> list[str]:
+    """``s2l otsu`` on the test split."""
+    return [
+        sys.executable, "-m", "s2l_monai", "otsu",
+        "--datalist", str(dataset_dir / datalist_name),
+        "--split", "test",
+        "--out", str(out_dir),
+        "--instance-method", instance_method,
+    ]
+
+
+def _quote(cmd: Sequence[str]) -> str:
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running one benchmark item
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _effective_config(profile: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Top-level keys of the profile's config files with ``overrides`` applied (plain values only)."""
+    cfg: dict[str, Any] = {}
+    for name in PROFILE_CONFIGS[profile]:
+        cfg.update(json.loads((REPO_ROOT / name).read_text()))
+    cfg.update(overrides)
+    return cfg
+
+
+def _trained_epochs(ckpt_dir: Path) -> tuple[int | None, int | None]:
+    """(epochs, iterations) from the trainer state in ``checkpoint_final.pt``, or ``(None, None)``."""
+    path = ckpt_dir / "checkpoint_final.pt"
+    if not path.is_file():
+        return None, None
+    try:
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=False).get("trainer", {})
+        return int(state.get("epoch")), int(state.get("iteration"))
+    except Exception:  # noqa: BLE001 - fall back to the configured epochs
+        return None, None
+
+
+def _read_summary(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "summary.json"
+    if not path.is_file():
+        raise RuntimeError(f"{path} was not written; see the log in {out_dir.parent}")
+    return json.loads(path.read_text())
+
+
+def _num(summary: dict[str, Any], key: str) -> float | None:
+    value = summary.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def make_record(
+    run: RunSpec,
+    connected: dict[str, Any],
+    watershed: dict[str, Any],
+    train: dict[str, Any],
+    context: dict[str, Any],
+) -> dict[str, Any]:
+    """The result record of one run from its two evaluation summaries and its training measurements.
+
+    The connected-component summary gives the primary numbers (the paper's post-processing); the watershed one
+    gives the ``*_watershed`` extras.
+    """
+    rec: dict[str, Any] = {
+        "dataset": run.dataset,
+        "ratio": run.ratio,
+        "method": run.method,
+        "seed": run.seed,
+        "iou": _num(connected, "iou"),
+        "mdice": _num(connected, "mdice"),
+        "dsb_score": _num(connected, "dsb"),
+        "pq": _num(connected, "pq"),
+        "train_seconds": train.get("train_seconds", 0.0),
+        "peak_rss_mb": train.get("peak_rss_mb"),
+        "images_per_second": train.get("images_per_second"),
+        "mdice_paper": _num(connected, "mdice_paper"),
+        "aji": _num(connected, "aji"),
+        "f1_50": _num(connected, "f1_50"),
+        "sq": _num(connected, "sq"),
+        "rq": _num(connected, "rq"),
+        "dsb_score_watershed": _num(watershed, "dsb"),
+        "pq_watershed": _num(watershed, "pq"),
+        "aji_watershed": _num(watershed, "aji"),
+        "f1_50_watershed": _num(watershed, "f1_50"),
+        "mdice_watershed": _num(watershed, "mdice"),
+        "n_test_images": connected.get("n_images"),
+        "n_test_nuclei": connected.get("n_nuclei"),
+    }
+    for key in ("n_train_images", "epochs", "iterations", "patches", "overrides", "eval_seconds", "wall_seconds"):
+        if key in train:
+            rec[key] = train[key]
+    rec.update(context)
+    rec["command"] = train.get("command")
+    return rec
+
+
+def execute_run(
+    run: RunSpec, profile: str, data_dir: Path, work: Path, context: dict[str, Any], smoke: bool = False
+) -> dict[str, Any]:
+    """Train (unless ``otsu``) and evaluate one run; return its record. Raises ``RuntimeError`` on failure.
+
+    A training that finished earlier (``train_meta.json`` next to ``ckpt/model.pt``) is reused, so a run whose
+    evaluation failed does not train again.
+    """
+    dataset_dir = data_dir / run.modality
+    run_dir = work / "runs" / run.dir_name
+    log = run_dir / "log.txt"
+    start = time.perf_counter()
+    train: dict[str, Any]
+    reused, train_reused_seconds = False, 0.0
+    if run.method == "otsu":
+        summaries, eval_rss, eval_seconds = {}, 0.0, 0.0
+        for method in ("connected", "watershed"):
+            out = run_dir / f"eval_{method}"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = otsu_command(dataset_dir, run.datalist_name, out, method)
+            res = common.run_measured(cmd, REPO_ROOT, log)
+            if res.returncode != 0:
+                raise RuntimeError(f"{run.run_id}: otsu ({method}) exited {res.returncode}; see {log}")
+            summaries[method] = _read_summary(out)
+            eval_rss, eval_seconds = max(eval_rss, res.peak_rss_mb), eval_seconds + res.seconds
+        train = {"train_seconds": 0.0, "peak_rss_mb": eval_rss, "images_per_second": None, "command": _quote(cmd),
+                 "eval_seconds": round(eval_seconds, 1)}
+    else:
+        meta_path = run_dir / "train_meta.json"
+        ckpt = run_dir / "ckpt" / "model.pt"
+        if meta_path.is_file() and ckpt.is_file():
+            train = json.loads(meta_path.read_text())
+            reused, train_reused_seconds = True, float(train.get("train_seconds") or 0.0)
+            print(f"[dsb] {run.run_id}: reusing the finished training in {run_dir}", flush=True)
+        else:
+            for sub in ("train", "ckpt"):
+                shutil.rmtree(run_dir / sub, ignore_errors=True)
+            cmd = train_command(run, profile, dataset_dir, run_dir, smoke)
+            print(f"[dsb] {run.run_id}: training ({_quote(cmd)})", flush=True)
+            res = common.run_measured(cmd, REPO_ROOT, log)
+            if res.returncode != 0 or not ckpt.is_file():
+                raise RuntimeError(f"{run.run_id}: training exited {res.returncode}; see {log}")
+            overrides = train_overrides(run, profile, smoke)
+            cfg = _effective_config(profile, overrides)
+            datalist = json.loads((dataset_dir / run.datalist_name).read_text())
+            n_train = len(datalist.get("training", []))
+            epochs, iterations = _trained_epochs(run_dir / "ckpt")
+            epochs = epochs if epochs is not None else int(cfg["max_epochs"])
+            patches = n_train * int(cfg["num_samples"]) * epochs
+            train = {
+                "train_seconds": round(res.seconds, 1),
+                "peak_rss_mb": res.peak_rss_mb,
+                "images_per_second": round(patches / res.seconds, 2) if res.seconds > 0 else None,
+                "n_train_images": n_train,
+                "epochs": epochs,
+                "iterations": iterations,
+                "patches": patches,
+                "overrides": overrides,
+                "command": _quote(cmd),
+            }
+            common.write_json_atomic(meta_path, train)
+        summaries, eval_seconds = {}, 0.0
+        for method in ("connected", "watershed"):
+            out = run_dir / f"eval_{method}"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = eval_command(run, profile, dataset_dir, ckpt, out, method)
+            print(f"[dsb] {run.run_id}: evaluating ({method})", flush=True)
+            res = common.run_measured(cmd, REPO_ROOT, log)
+            if res.returncode != 0:
+                raise RuntimeError(f"{run.run_id}: evaluation ({method}) exited {res.returncode}; see {log}")
+            summaries[method] = _read_summary(out)
+            eval_seconds += res.seconds
+        train = {**train, "eval_seconds": round(eval_seconds, 1)}
+    # the whole run as it happened now (an earlier, reused training counts with its own seconds)
+    train["wall_seconds"] = round(time.perf_counter() - start, 1) + (train_reused_seconds if reused else 0.0)
+    return make_record(run, summaries["connected"], summaries["watershed"], train, context)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _select(records: Sequence[dict[str, Any]], dataset: str, method: str, ratio: float | None) -> list[dict]:
+    r_key = None if ratio is None else round(ratio, 6)
+    return [
+        r for r in records
+        if r.get("dataset") == dataset and r.get("method") == method
+        and (None if r.get("ratio") is None else round(float(r["ratio"]), 6)) == r_key
+    ]
+
+
+def _stat(records: Sequence[dict[str, Any]], key: str) -> tuple[float | None, float | None, int]:
+    return common.mean_std(r.get(key) for r in records)
+
+
+def ours_cell(records: Sequence[dict[str, Any]]) -> str:
+    """``IoU [mDice]`` as mean over seeds, ``±std`` with 2 or more seeds, ``(n=k)``; ``–`` without records."""
+    if not records:
+        return common.DASH
+    iou, iou_sd, n = _stat(records, "iou")
+    md, md_sd, _ = _stat(records, "mdice")
+    cell = f"{common.fmt(iou, 4, iou_sd)} [{common.fmt(md, 4, md_sd)}]"
+    return cell + (f" (n={n})" if n >= 2 else "")
+
+
+def paper_cell(value: tuple[float, float] | None) -> str:
+    """The paper's ``IoU [mDice]``, or ``–``."""
+    return common.DASH if value is None else f"{value[0]:.4f} [{value[1]:.4f}]"
+
+
+def _table1_ratio(method: str) -> float | None:
+    return None if method in ("full", "otsu") else 0.3
+
+
+def table1(records: Sequence[dict[str, Any]]) -> str:
+    """Table 1 style: methods × (DSB-BF, DSB-Fluo, DSB-Histo) at 30%, ours beside the paper's."""
+    datasets = ["dsb_bf", "dsb_fluo", "dsb_histo"]
+    headers = ["method"]
+    for d in datasets:
+        headers += [f"{DATASET_LABELS[d]} ours", f"{DATASET_LABELS[d]} paper"]
+    rows = []
+    for method in ("pce", "pseudo", "s2l", "full", "otsu"):
+        row = [METHOD_LABELS[method]]
+        for d in datasets:
+            row.append(ours_cell(_select(records, d, method, _table1_ratio(method))))
+            row.append(paper_cell(PAPER_TABLE1.get(method, {}).get(d)))
+        rows.append(row)
+    return common.markdown_table(headers, rows)
+
+
+def table2(records: Sequence[dict[str, Any]]) -> str:
+    """Table 2 style: DSB-Fluo at 10/30/50/100% scribbles, ours beside the paper's."""
+    headers = ["method"]
+    for ratio in RATIOS:
+        headers += [f"{ratio:.0%} ours", f"{ratio:.0%} paper"]
+    rows = []
+    for method in ("pce", "pseudo", "s2l"):
+        row = [METHOD_LABELS[method]]
+        for ratio in RATIOS:
+            row.append(ours_cell(_select(records, "dsb_fluo", method, ratio)))
+            row.append(paper_cell(PAPER_TABLE2[method].get(ratio)))
+        rows.append(row)
+    return common.markdown_table(headers, rows)
+
+
+def _order_index(record: dict[str, Any], plan_keys: dict[tuple, int]) -> tuple[int, str]:
+    return plan_keys.get(record_key(record), len(plan_keys)), json.dumps(record_key(record), default=str)
+
+
+def records_table(records: Sequence[dict[str, Any]]) -> str:
+    """Every record, in plan order, with the instance metrics and the costs."""
+    plan_keys = {r.key: i for i, r in enumerate(build_plan())}
+    headers = ["dataset", "ratio", "method", "seed", "IoU", "mDice", "mDice (paper var.)", "DSB cc", "DSB ws",
+               "PQ cc", "PQ ws", "AJI", "F1@0.5", "train s", "peak RSS MB", "img/s", "profile"]
+    rows = []
+    for r in sorted(records, key=lambda r: _order_index(r, plan_keys)):
+        ratio = r.get("ratio")
+        rows.append([
+            DATASET_LABELS.get(r.get("dataset"), r.get("dataset")),
+            "full" if ratio is None else f"{float(ratio):.0%}",
+            r.get("method"),
+            common.DASH if r.get("seed") is None else r.get("seed"),
+            common.fmt(r.get("iou")),
+            common.fmt(r.get("mdice")),
+            common.fmt(r.get("mdice_paper")),
+            common.fmt(r.get("dsb_score")),
+            common.fmt(r.get("dsb_score_watershed")),
+            common.fmt(r.get("pq")),
+            common.fmt(r.get("pq_watershed")),
+            common.fmt(r.get("aji")),
+            common.fmt(r.get("f1_50")),
+            common.fmt(r.get("train_seconds"), 0),
+            common.fmt(r.get("peak_rss_mb"), 0),
+            common.fmt(r.get("images_per_second"), 1),
+            r.get("profile", common.DASH),
+        ])
+    return common.markdown_table(headers, rows, align=["l", "r", "l", "r"] + ["r"] * (len(headers) - 4))
+
+
+NOT_MEASURED = "not yet measured"
+
+
+def check_targets(records: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The issue's targets on DSB-Fluo (means over seeds): ``(target, PASS|FAIL|not yet measured, detail)``."""
+    out: list[tuple[str, str, str]] = []
+    fluo = [r for r in records if r.get("dataset") == "dsb_fluo"]
+
+    s2l30 = _select(fluo, "dsb_fluo", "s2l", 0.3)
+    iou, _, n = _stat(s2l30, "iou")
+    name = f"S2L IoU ≥ {TARGET_S2L_IOU_30} at 30% scribbles"
+    if iou is None:
+        out.append((name, NOT_MEASURED, "no S2L 30% record"))
+    else:
+        out.append((name, "PASS" if iou >= TARGET_S2L_IOU_30 else "FAIL", f"IoU {iou:.4f} (mean of {n} seed(s))"))
+
+    full = _select(fluo, "dsb_fluo", "full", None)
+    md_s, _, n_s = _stat(s2l30, "mdice")
+    md_f, _, n_f = _stat(full, "mdice")
+    name = "S2L 30% correct mDice ≥ Full (same budget)"
+    if md_s is None or md_f is None:
+        out.append((name, NOT_MEASURED, f"S2L records: {n_s}, Full records: {n_f}"))
+    else:
+        out.append((name, "PASS" if md_s >= md_f else "FAIL",
+                    f"S2L {md_s:.4f} (n={n_s}) vs Full {md_f:.4f} (n={n_f})"))
+
+    name = "S2L IoU above pCE and Pseudo-label at every ratio (10/30/50/100%)"
+    details, fails, measured = [], 0, 0
+    for ratio in RATIOS:
+        s, _, _ = _stat(_select(fluo, "dsb_fluo", "s2l", ratio), "iou")
+        p, _, _ = _stat(_select(fluo, "dsb_fluo", "pce", ratio), "iou")
+        q, _, _ = _stat(_select(fluo, "dsb_fluo", "pseudo", ratio), "iou")
+        if s is None or p is None or q is None:
+            details.append(f"{ratio:.0%}: {NOT_MEASURED}")
+            continue
+        measured += 1
+        ok = s > p and s > q
+        fails += not ok
+        details.append(f"{ratio:.0%}: S2L {s:.4f} vs pCE {p:.4f}, Pseudo {q:.4f} {'ok' if ok else 'SHORT'}")
+    status = "FAIL" if fails else ("PASS" if measured == len(RATIOS) else NOT_MEASURED)
+    if status == NOT_MEASURED and measured:
+        status = f"{NOT_MEASURED} ({measured}/{len(RATIOS)} ratios, all ok so far)"
+    out.append((name, status, "; ".join(details)))
+
+    name = "Watershed DSB score > connected-component DSB score (S2L 30%)"
+    cc, _, n_cc = _stat(s2l30, "dsb_score")
+    ws, _, _ = _stat(s2l30, "dsb_score_watershed")
+    learned = [r for r in fluo if r.get("method") != "otsu"
+               and r.get("dsb_score") is not None and r.get("dsb_score_watershed") is not None]
+    better = sum(r["dsb_score_watershed"] > r["dsb_score"] for r in learned)
+    if cc is None or ws is None:
+        out.append((name, NOT_MEASURED, f"all DSB-Fluo runs: watershed higher in {better}/{len(learned)}"))
+    else:
+        out.append((name, "PASS" if ws > cc else "FAIL",
+                    f"{ws:.4f} vs {cc:.4f} (n={n_cc}); all DSB-Fluo runs: watershed higher in "
+                    f"{better}/{len(learned)}"))
+    return out
+
+
+def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> str:
+    """The whole ``dsb.md``: header, Table 1, Table 2, all records, targets."""
+    machines = []
+    for r in records:
+        m = r.get("machine")
+        if isinstance(m, dict) and common.machine_line(m) not in machines:
+            machines.append(common.machine_line(m))
+    if not machines and header.get("machine"):
+        machines.append(common.machine_line(header["machine"]))
+    commands = sorted({r["harness_command"] for r in records if r.get("harness_command")})
+    if not commands and header.get("command"):
+        commands = [header["command"]]
+    total = sum(float(r.get("wall_seconds") or r.get("train_seconds") or 0.0) for r in records)
+    peaks = [r.get("peak_rss_mb") for r in records if isinstance(r.get("peak_rss_mb"), (int, float))]
+    profiles = sorted({str(r.get("profile")) for r in records if r.get("profile")})
+    plan = build_plan()
+    done = {record_key(r) for r in records}
+    n_done = sum(run.key in done for run in plan)
+
+    lines = [
+        "# DSB2018 (BBBC038) benchmark: Scribble2Label vs baselines",
+        "",
+        "Generated by `benchmarks/dsb.py` from `" + header.get("results_name", "dsb.json") + "`; do not edit by hand.",
+        "",
+        "- **Command(s):** " + ("; ".join(f"`{c}`" for c in commands) if commands else common.DASH),
+        "- **Machine(s):** " + ("; ".join(machines) if machines else common.DASH),
+        f"- **Profile(s):** {', '.join(profiles) if profiles else common.DASH}",
+        f"- **Runs:** {n_done} of {len(plan)} planned have a record ({len(records)} records in all)",
+        f"- **Total wall time** (training + both evaluations, summed over records): {total / 3600:.2f} h",
+        f"- **Peak memory** (largest peak RSS of a process tree, MB): {common.fmt(max(peaks) if peaks else None, 0)}",
+        f"- **Report written:** {header.get('date', common.now_iso())}",
+        "",
+        "Ours: mean over seeds (± sample std with ≥ 2 seeds), test split, connected-component instances (the paper's",
+        "post-processing). The mDice in brackets is the CORRECT one (pooled over all nuclei); the paper's numbers use",
+        "its own per-image variant, listed as `mDice (paper var.)` in the table of all records. `–`: no record yet.",
+        "Paper numbers: Lee & Jeong, MICCAI 2020, Table 1 and Table 2 (restated in `docs/method.md`).",
+        "",
+        "## Table 1 style: DSB columns (30% scribbles; Full = full masks; Otsu = no learning)",
+        "",
+        table1(records),
+        "",
+        "## Table 2 style: DSB-Fluo, automatic scribbles at 10/30/50/100%",
+        "",
+        table2(records),
+        "",
+        "## All records",
+        "",
+        "cc = connected components (primary), ws = distance-transform watershed. Train s = training wall time;",
+        "peak RSS = max over 0.5 s polls of the summed VmRSS of the training process and its children (for Otsu: of",
+        "the evaluation); img/s = training patches (training images × patches per image × epochs) per second.",
+        "",
+        records_table(records),
+        "",
+        "## Targets (issue 3; DSB-Fluo test split, mean over seeds)",
+        "",
+    ]
+    lines += common.markdown_table(["target", "status", "measured"],
+                                   [list(t) for t in check_targets(records)], align=["l", "l", "l"]).splitlines()
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(results: Path, header: dict[str, Any]) -> Path:
+    """Regenerate the markdown next to ``results`` (``dsb.json`` -> ``dsb.md``); return its path."""
+    records = common.load_records(results)
+    md = results.with_suffix(".md")
+    common.write_text_atomic(md, render_report(records, {"results_name": results.name, **header}))
+    return md
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+
+
+def ensure_data(zip_path: Path, data_dir: Path, limit: int | None, workers: int) -> None:
+    """Prepare BBBC038 into ``data_dir`` once (``prepare_dsb2018``; a marker file skips the archive scan later).
+
+    Raises:
+        FileNotFoundError: no prepared data and no archive.
+    """
+    marker = data_dir / ".benchmark_prepared.json"
+    needed = [data_dir / m / f"datalist_{t}.json" for m in DATASETS for t in ("10", "30", "50", "100", "full")]
+    if marker.is_file() and all(p.is_file() for p in needed):
+        return
+    if not zip_path.is_file():
+        raise FileNotFoundError(
+            f"BBBC038 archive not found: {zip_path}\n"
+            f"Download stage1_train.zip (Kaggle Data Science Bowl 2018, stage 1 training set) from {DOWNLOAD_URL} "
+            "and pass it with --zip."
+        )
+    from s2l_monai.data.dsb2018 import prepare_dsb2018
+
+    print(f"[dsb] preparing {zip_path} into {data_dir} (once; limit={limit})", flush=True)
+    summary = prepare_dsb2018(zip_path, data_dir, ratios=RATIOS, seed=0, limit=limit, workers=workers)
+    common.write_json_atomic(marker, {"zip": str(zip_path), "limit": limit, "date": common.now_iso(),
+                                      "counts": {m: v["splits"] for m, v in summary["modalities"].items()}})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``benchmarks/dsb.py``."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--zip", type=Path, default=DEFAULT_ZIP, help=f"stage1_train.zip (default {DEFAULT_ZIP})")
+    p.add_argument("--work", type=Path, default=Path("/tmp/s2l_dsb"),
+                   help="prepared data, checkpoints, predictions and logs (default /tmp/s2l_dsb)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
+                   help="cpu: <= 10 min per training on 2 CPU cores; paper: configs/paper.json (GPU)")
+    p.add_argument("--only", nargs="+", default=None, metavar="MOD:RATIO:METHOD:SEED",
+                   help="run only these, e.g. fluorescence:30:s2l:0 fluorescence:full:full:1 brightfield:full:otsu:-"
+                        " ('*' matches anything)")
+    p.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (skipped ones not counted)")
+    p.add_argument("--list", action="store_true", help="print the plan with done/pending and exit")
+    p.add_argument("--report-only", action="store_true", help="only regenerate the markdown from the JSON")
+    p.add_argument("--results", type=Path, default=None,
+                   help="result JSON (default benchmarks/results/dsb.json; dsb_paper.json for --profile paper)")
+    p.add_argument("--workers", type=int, default=2, help="processes for the data preparation (default 2)")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def default_results(profile: str, smoke: bool, work: Path) -> Path:
+    """Where records go: the committed results for real runs, the work folder for smoke runs."""
+    if smoke:
+        return work / "results_smoke" / "dsb.json"
+    return RESULTS_DIR / ("dsb.json" if profile == "cpu" else f"dsb_{profile}.json")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; exit status 0 when every attempted run succeeded, 1 otherwise, 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    results = args.results or default_results(args.profile, args.smoke, args.work)
+    harness_cmd = "python benchmarks/dsb.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    try:
+        plan = select_plan(build_plan(), args.only)
+        records = common.load_records(results)
+    except ValueError as exc:
+        print(f"dsb.py: error: {exc}", file=sys.stderr)
+        return 2
+
+    if args.list:
+        done = {record_key(r) for r in records}
+        for run in plan:
+            print(f"{'done   ' if run.key in done else 'pending'}  {run.run_id}")
+        print(f"{sum(r.key in done for r in plan)} of {len(plan)} done; results: {results}")
+        return 0
+    machine = common.machine_info()
+    header = {"command": harness_cmd, "machine": machine}
+    if args.report_only:
+        print(f"[dsb] wrote {write_report(results, header)}")
+        return 0
+
+    data_dir = args.work / ("data_smoke" if args.smoke else "data")
+    try:
+        ensure_data(args.zip.resolve(), data_dir, SMOKE_LIMIT if args.smoke else None, args.workers)
+    except FileNotFoundError as exc:
+        print(f"dsb.py: error: {exc}", file=sys.stderr)
+        return 2
+
+    todo = pending_runs(plan, records)
+    print(f"[dsb] {len(plan) - len(todo)} of {len(plan)} selected runs already recorded in {results}; "
+          f"{len(todo)} to do", flush=True)
+    if args.max_runs is not None:
+        todo = todo[: max(0, args.max_runs)]
+    context = {
+        "profile": args.profile + ("+smoke" if args.smoke else ""),
+        "machine": machine,
+        "git_commit": common.git_commit(REPO_ROOT),
+        "harness_command": harness_cmd,
+    }
+    failed = []
+    for i, run in enumerate(todo, 1):
+        print(f"[dsb] ({i}/{len(todo)}) {run.run_id}", flush=True)
+        try:
+            record = execute_run(run, args.profile, data_dir, args.work, {**context, "date": common.now_iso()},
+                                 smoke=args.smoke)
+        except (RuntimeError, OSError, ValueError, KeyError) as exc:
+            print(f"[dsb] FAILED {run.run_id}: {exc}", file=sys.stderr, flush=True)
+            failed.append(run.run_id)
+            continue
+        added = common.append_record(results, record, KEY_FIELDS)
+        print(f"[dsb] {run.run_id}: IoU {common.fmt(record['iou'])} mDice {common.fmt(record['mdice'])} "
+              f"DSB {common.fmt(record['dsb_score'])}/{common.fmt(record['dsb_score_watershed'])} (cc/ws) "
+              f"train {record['train_seconds']} s, peak RSS {record['peak_rss_mb']} MB"
+              + ("" if added else " (a record with this key appeared meanwhile; kept the older one)"), flush=True)
+        write_report(results, header)
+    md = write_report(results, header)
+    print(f"[dsb] results: {results}, report: {md}", flush=True)
+    if failed:
+        print(f"[dsb] {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
