@@ -274,7 +274,7 @@ def eval_command(
     if profile == "paper":
         files.append("configs/paper.json")  # same network_def as in training
     return [
-        sys.executable, "-m", "monai.bundle", "run", "evaluate",
+        sys.executable, "-m", "monai.bundle", "run", eval_run_id(),
         "--config_file", _config_arg(files),
         "--dataset_dir", str(dataset_dir),
         "--datalist_name", run.datalist_name,
@@ -283,6 +283,12 @@ def eval_command(
         "--instance_method", instance_method,
         "--in_channels", str(IN_CHANNELS[run.modality]),
     ]
+
+
+def eval_run_id(config: Path | None = None) -> str:
+    """The run id of ``configs/evaluate.json``: ``evaluate`` if it defines one, else ``evaluating``, else ``run``."""
+    keys = json.loads((config or REPO_ROOT / "configs" / "evaluate.json").read_text())
+    return next((k for k in ("evaluate", "evaluating") if k in keys), "run")
 
 
 def otsu_command(dataset_dir: Path, datalist_name: str, out_dir: Path, instance_method: str) -> list[str]:
@@ -323,7 +329,10 @@ def _trained_epochs(ckpt_dir: Path) -> tuple[int | None, int | None]:
         import torch
 
         state = torch.load(path, map_location="cpu", weights_only=False).get("trainer", {})
-        return int(state.get("epoch")), int(state.get("iteration"))
+        iteration, epoch_length = int(state["iteration"]), int(state["epoch_length"])
+        # ignite's state_dict holds iteration and epoch_length (and sometimes epoch)
+        epoch = int(state["epoch"]) if state.get("epoch") is not None else iteration // max(1, epoch_length)
+        return epoch, iteration
     except Exception:  # noqa: BLE001 - fall back to the configured epochs
         return None, None
 
@@ -547,7 +556,7 @@ def records_table(records: Sequence[dict[str, Any]]) -> str:
         ratio = r.get("ratio")
         rows.append([
             DATASET_LABELS.get(r.get("dataset"), r.get("dataset")),
-            "full" if ratio is None else f"{float(ratio):.0%}",
+            (r.get("method") if r.get("method") == "full" else common.DASH) if ratio is None else f"{float(ratio):.0%}",
             r.get("method"),
             common.DASH if r.get("seed") is None else r.get("seed"),
             common.fmt(r.get("iou")),
@@ -701,16 +710,25 @@ def write_report(results: Path, header: dict[str, Any]) -> Path:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def ensure_data(zip_path: Path, data_dir: Path, limit: int | None, workers: int) -> None:
-    """Prepare BBBC038 into ``data_dir`` once (``prepare_dsb2018``; a marker file skips the archive scan later).
+def ensure_data(
+    zip_path: Path, data_dir: Path, modalities: Sequence[str], limit: int | None, workers: int
+) -> list[str]:
+    """Prepare BBBC038 into ``data_dir`` for ``modalities`` whose datalists are not all there yet.
+
+    ``prepare_dsb2018`` is idempotent (existing files are kept) and writes the datalists last, so a modality with
+    all of its datalists is complete and costs nothing here.
+
+    Returns:
+        The modalities prepared by this call.
 
     Raises:
-        FileNotFoundError: no prepared data and no archive.
+        FileNotFoundError: data to prepare and no archive.
     """
-    marker = data_dir / ".benchmark_prepared.json"
-    needed = [data_dir / m / f"datalist_{t}.json" for m in DATASETS for t in ("10", "30", "50", "100", "full")]
-    if marker.is_file() and all(p.is_file() for p in needed):
-        return
+    tags = [*(dsb_tag(r) for r in RATIOS), "full"]
+    missing = [m for m in DATASETS if m in modalities
+               and not all((data_dir / m / f"datalist_{t}.json").is_file() for t in tags)]
+    if not missing:
+        return []
     if not zip_path.is_file():
         raise FileNotFoundError(
             f"BBBC038 archive not found: {zip_path}\n"
@@ -719,10 +737,14 @@ def ensure_data(zip_path: Path, data_dir: Path, limit: int | None, workers: int)
         )
     from s2l_monai.data.dsb2018 import prepare_dsb2018
 
-    print(f"[dsb] preparing {zip_path} into {data_dir} (once; limit={limit})", flush=True)
-    summary = prepare_dsb2018(zip_path, data_dir, ratios=RATIOS, seed=0, limit=limit, workers=workers)
-    common.write_json_atomic(marker, {"zip": str(zip_path), "limit": limit, "date": common.now_iso(),
-                                      "counts": {m: v["splits"] for m, v in summary["modalities"].items()}})
+    print(f"[dsb] preparing {', '.join(missing)} from {zip_path} into {data_dir} (once; limit={limit})", flush=True)
+    prepare_dsb2018(zip_path, data_dir, ratios=RATIOS, seed=0, modalities=missing, limit=limit, workers=workers)
+    return missing
+
+
+def dsb_tag(ratio: float) -> str:
+    """Folder tag of a ratio as ``prepare_dsb2018`` writes it (``0.3 -> "30"``)."""
+    return str(round(ratio * 100))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -784,17 +806,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     data_dir = args.work / ("data_smoke" if args.smoke else "data")
+    todo = pending_runs(plan, records)
+    if args.max_runs is not None:
+        todo_now = todo[: max(0, args.max_runs)]
+    else:
+        todo_now = todo
     try:
-        ensure_data(args.zip.resolve(), data_dir, SMOKE_LIMIT if args.smoke else None, args.workers)
+        ensure_data(args.zip.resolve(), data_dir, sorted({r.modality for r in todo_now}),
+                    SMOKE_LIMIT if args.smoke else None, args.workers)
     except FileNotFoundError as exc:
         print(f"dsb.py: error: {exc}", file=sys.stderr)
         return 2
 
-    todo = pending_runs(plan, records)
     print(f"[dsb] {len(plan) - len(todo)} of {len(plan)} selected runs already recorded in {results}; "
-          f"{len(todo)} to do", flush=True)
-    if args.max_runs is not None:
-        todo = todo[: max(0, args.max_runs)]
+          f"{len(todo)} to do" + (f", {len(todo_now)} now (--max-runs)" if len(todo_now) < len(todo) else ""),
+          flush=True)
+    todo = todo_now
     context = {
         "profile": args.profile + ("+smoke" if args.smoke else ""),
         "machine": machine,

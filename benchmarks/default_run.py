@@ -1,0 +1,126 @@
+"""Measure README command 1: the default training on the built-in synthetic set, then evaluate it.
+
+    python benchmarks/default_run.py [--work /tmp/s2l_default] [--out benchmarks/results/default_run.md]
+
+Writes a markdown result with the command, the machine, wall time, peak memory (whole process tree), train
+patches per second of the default network, the share of time spent in EMA ensembles, the loss and Omega_g
+coverage per epoch, and the test-split metrics of the trained model next to an Otsu threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import (  # noqa: E402
+    git_commit,
+    machine_info,
+    machine_line,
+    markdown_table,
+    now_iso,
+    run_measured,
+    write_text_atomic,
+)
+
+METRICS_LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- (.*)$")
+EPOCH_TIME = re.compile(r"Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):([\d.]+)")
+
+
+def parse_log(text: str) -> tuple[dict[int, dict[str, float]], dict[int, float]]:
+    """Per-epoch metrics (``Epoch[N] Metrics -- k: v ...``) and epoch wall times (Ignite's ``Complete`` lines)."""
+    metrics: dict[int, dict[str, float]] = {}
+    times: dict[int, float] = {}
+    for line in text.splitlines():
+        m = METRICS_LINE.search(line)
+        if m:
+            pairs = re.findall(r"(\w+): ([-\d.eE+]+)", m.group(2))
+            metrics[int(m.group(1))] = {k: float(v) for k, v in pairs}
+        t = EPOCH_TIME.search(line)
+        if t:
+            times[int(t.group(1))] = int(t.group(2)) * 3600 + int(t.group(3)) * 60 + float(t.group(4))
+    return metrics, times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/s2l_default", help="scratch folder (data, run, model)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "default_run.md"))
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    py = sys.executable
+    train_cmd = [py, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
+                 "--dataset_dir", str(work / "data"), "--output_dir", str(work / "run"),
+                 "--ckpt_dir", str(work / "models")]
+    result = run_measured(train_cmd, cwd=REPO, log_path=work / "train.log")
+    if result.returncode != 0:
+        print(f"training failed, see {work / 'train.log'}", file=sys.stderr)
+        return 1
+    metrics, times = parse_log((work / "train.log").read_text(errors="replace"))
+    config = json.loads((REPO / "configs" / "train.json").read_text())
+    n_train = len(json.loads((work / "data" / "datalist.json").read_text())["training"])
+    patches_per_epoch = n_train * int(config["num_samples"])
+
+    ensembles = {e: m["ensemble_seconds"] for e, m in metrics.items()
+                 if e % int(config["ema_every"]) == 0 and "ensemble_seconds" in m}
+    ensemble_total = sum(ensembles.values())
+    epoch_total = sum(times.values())
+    train_only = epoch_total - ensemble_total
+    patches_per_second = patches_per_epoch * len(times) / train_only if train_only > 0 else float("nan")
+
+    eval_cmd = [py, "-m", "monai.bundle", "run", "evaluating", "--config_file",
+                "['configs/inference.json','configs/evaluate.json']", "--dataset_dir", str(work / "data"),
+                "--ckpt_path", str(work / "models" / "model.pt"), "--output_dir", str(work / "evaluate")]
+    subprocess.run(eval_cmd, cwd=REPO, check=True, capture_output=True)
+    s2l = json.loads((work / "evaluate" / "summary.json").read_text())
+    subprocess.run([py, "-m", "s2l_monai", "otsu", "--datalist", str(work / "data"), "--split", "test",
+                    "--out", str(work / "otsu")], cwd=REPO, check=True, capture_output=True)
+    otsu = json.loads((work / "otsu" / "summary.json").read_text())
+
+    info = machine_info()
+    warmup = int(config["warmup_epochs"])
+    rows = [[e, *(f"{metrics[e].get(k, float('nan')):.4f}" for k in ("train_loss", "loss_sp", "loss_up", "omega_g")),
+             f"{metrics[e]['ema_coverage']:.4f}" if e in ensembles else "", f"{ensembles[e]:.2f}" if e in ensembles
+             else ""] for e in sorted(metrics) if e == 1 or e % int(config["ema_every"]) == 0 or e == warmup + 1]
+    summary_rows = [[name, *(f"{res.get(k, float('nan')):.4f}" for k in ("iou", "mdice", "dsb", "pq", "aji"))]
+                    for name, res in (("Scribble2Label (default run, watershed)", s2l), ("Otsu threshold", otsu))]
+    text = "\n".join([
+        "# Default training run (README command 1)",
+        "",
+        f"- command: `python -m monai.bundle run training --config_file configs/train.json` "
+        f"(measured by `python benchmarks/default_run.py`, with `--dataset_dir/--output_dir/--ckpt_dir` in {work})",
+        f"- date: {now_iso()}, commit {git_commit(REPO)}",
+        f"- machine: {machine_line(info)}",
+        f"- wall time (synthetic data generation + {len(times)} epochs + checkpoints): **{result.seconds:.0f} s**",
+        f"- peak RSS of the process tree (main process + data-loader workers): **{result.peak_rss_mb:.0f} MB**",
+        f"- training patches per second ({'x'.join(map(str, config['roi_size']))}, batch {config['batch_size']}, "
+        f"excluding ensembles): **{patches_per_second:.1f}**",
+        f"- time in EMA ensembles: **{ensemble_total:.1f} s of {epoch_total:.1f} s of epochs "
+        f"({100 * ensemble_total / epoch_total:.1f}%)**, {len(ensembles)} ensembles over {n_train} images",
+        f"- warm-up: epochs 1-{warmup}; L_up is added from epoch {warmup + 1}",
+        "",
+        "## Per epoch (first, every ensemble epoch, first epoch after warm-up)",
+        "",
+        markdown_table(["epoch", "train_loss", "loss_sp", "loss_up", "omega_g", "ema_coverage", "ensemble s"], rows),
+        "",
+        f"## Synthetic test split ({s2l.get('n_images', '?')} images)",
+        "",
+        markdown_table(["method", "IoU", "mDice", "DSB score", "PQ", "AJI"], summary_rows),
+        "",
+    ])
+    write_text_atomic(args.out, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
