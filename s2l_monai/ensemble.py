@@ -66,6 +66,16 @@ class EMAStore:
     a reader never sees a half-written map. ``state_dict``/``load_state_dict`` let MONAI's ``CheckpointSaver`` and
     ``CheckpointLoader`` save and restore the store with the network.
 
+    Volumes (3D items trained slice by slice, see :mod:`s2l_monai.volumes`): ONE ``(C-1)DHW`` float16 file per
+    volume, ``D`` = the slices along ``slice_axis`` (stored slice-first, so a slice is contiguous on disk whatever
+    the axis). :meth:`update_slice` folds one slice's prediction in, :meth:`probabilities` with ``slice_index``
+    reads one slice through a memory map, and slices never ensembled hold NaN (read as "no pseudo-label", like a 2D
+    item never ensembled). Crash consistency: during an ensemble the slice updates go into a temporary copy of the
+    volume's file (:meth:`update_slice`), which replaces the file atomically only when the whole ensemble pass over
+    that volume is done (:meth:`commit`, called by :class:`EMAEnsembleHandler`). A reader or a crash therefore sees
+    the complete previous average or the complete new one, never a volume mixing ``y_n`` and ``y_{n+1}`` slices;
+    an interrupted ensemble leaves only a hidden temporary file (ignored, removed by :meth:`abort`).
+
     Args:
         root: folder of the store (created if missing), e.g. ``<output_dir>/ema``.
         num_classes: number of classes ``C`` of the network output (>= 2).
@@ -81,6 +91,7 @@ class EMAStore:
         self.num_classes = int(num_classes)
         self.dtype = dtype
         self.root.mkdir(parents=True, exist_ok=True)
+        self._pending: dict[str, tuple[Path, np.memmap]] = {}
         meta = self.root / "store.json"
         if meta.exists():
             found = json.loads(meta.read_text())
@@ -102,9 +113,13 @@ class EMAStore:
     def __contains__(self, item_id: object) -> bool:
         return self.path(str(item_id)).exists()
 
+    def _files(self) -> list[Path]:
+        """The committed item files (hidden temporary files excluded)."""
+        return sorted(p for p in self.root.glob("*.npy") if not p.name.startswith("."))
+
     def ids(self) -> list[str]:
         """Ids (file stems) of the items stored so far."""
-        return sorted(p.stem for p in self.root.glob("*.npy"))
+        return [p.stem for p in self._files()]
 
     def __len__(self) -> int:
         return len(self.ids())
@@ -119,15 +134,108 @@ class EMAStore:
             return stored.astype(np.float32) / 255.0
         return stored.astype(np.float32)
 
-    def probabilities(self, item_id: str) -> np.ndarray | None:
-        """The averaged class probabilities ``CHW`` (float32) of an item, or None if it was never ensembled."""
+    def probabilities(self, item_id: str, slice_index: int | None = None) -> np.ndarray | None:
+        """The averaged class probabilities ``CHW`` (float32) of an item, or None if it was never ensembled.
+
+        Args:
+            item_id: the item's id.
+            slice_index: for a volume item, the slice to read (only that slice is read from the memory map);
+                None for a 2D item (or a whole volume, ``CDHW``).
+        """
         path = self.path(item_id)
         try:
             stored = np.load(path, mmap_mode="r")
         except FileNotFoundError:
             return None
+        if slice_index is not None:
+            if stored.ndim != 4:
+                raise ValueError(f"item {item_id!r} is not a volume (stored shape {stored.shape}); no slice to read")
+            stored = np.asarray(stored[:, int(slice_index)])
+            if stored.dtype == np.float16 and np.isnan(stored.flat[0]):
+                return None  # this slice was never ensembled
         fg = self._decode(stored)
         return np.concatenate([1.0 - fg.sum(0, keepdims=True), fg], axis=0)
+
+    def update_slice(
+        self, item_id: str, slice_index: int, num_slices: int, prob: np.ndarray | torch.Tensor, alpha: float
+    ) -> np.ndarray:
+        """Fold a new prediction of one slice of a volume item into the item's ``(C-1)DHW`` average.
+
+        The update goes into a temporary copy of the volume's file, made on the first slice of an ensemble; the copy
+        replaces the file at :meth:`commit` (see the class notes on crash consistency). A slice never ensembled
+        before starts the average (``y_0 = p``).
+
+        Args:
+            item_id: the volume's stable id.
+            slice_index: the slice, ``0 <= slice_index < num_slices``.
+            num_slices: number of slices ``D`` of the volume along its slice axis.
+            prob: softmax probabilities ``CHW`` of the slice, in its own un-augmented frame.
+            alpha: weight of the new prediction.
+
+        Returns:
+            the slice's new averaged probabilities ``CHW`` as stored (after float16 rounding), float32.
+
+        Raises:
+            ValueError: a store of dtype uint8 (volumes need float16, whose NaN marks slices never ensembled), a
+                wrong channel count, or a shape different from the stored volume.
+        """
+        if self.dtype != "float16":
+            raise ValueError("volume items need an EMAStore with dtype='float16' (NaN marks unensembled slices).")
+        if isinstance(prob, torch.Tensor):
+            prob = prob.detach().float().cpu().numpy()
+        if prob.shape[0] != self.num_classes:
+            raise ValueError(f"expected {self.num_classes} class channels, got shape {prob.shape} for {item_id!r}.")
+        shape = (self.num_classes - 1, int(num_slices), *prob.shape[1:])
+        k = int(slice_index)
+        if not 0 <= k < shape[1]:
+            raise ValueError(f"slice {k} outside 0..{shape[1] - 1} of {item_id!r}")
+        work = self._open_pending(str(item_id), shape)
+        previous = work[:, k].astype(np.float32)
+        first = bool(np.isnan(previous.flat[0]))
+        average = ema_update(None if first else previous, prob[1:], alpha)
+        stored = self._encode(average)
+        work[:, k] = stored
+        fg = self._decode(stored)
+        return np.concatenate([1.0 - fg.sum(0, keepdims=True), fg], axis=0)
+
+    def _open_pending(self, item_id: str, shape: tuple[int, ...]) -> np.memmap:
+        if item_id in self._pending:
+            work = self._pending[item_id][1]
+            if work.shape != shape:
+                raise ValueError(f"item {item_id!r} changed shape within an ensemble: {work.shape} vs {shape}.")
+            return work
+        final = self.path(item_id)
+        tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp.npy")
+        if final.exists():
+            found = np.load(final, mmap_mode="r")
+            if found.shape != shape:
+                raise ValueError(f"item {item_id!r} changed shape: stored {found.shape}, new {shape}.")
+            del found
+            shutil.copyfile(final, tmp)
+            work = np.load(tmp, mmap_mode="r+")
+        else:
+            work = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+            for k in range(shape[1]):  # slice by slice: no whole-volume array in memory
+                work[:, k] = np.nan
+        self._pending[item_id] = (tmp, work)
+        return work
+
+    def commit(self, item_id: str | None = None) -> None:
+        """Atomically publish the pending volume update(s) of the current ensemble (all of them by default)."""
+        for key in [item_id] if item_id is not None else list(self._pending):
+            if key not in self._pending:
+                continue
+            tmp, work = self._pending.pop(key)
+            work.flush()
+            del work
+            os.replace(tmp, self.path(key))
+
+    def abort(self) -> None:
+        """Discard the pending volume updates (an ensemble that failed): the stored averages stay as they were."""
+        for tmp, work in self._pending.values():
+            del work
+            tmp.unlink(missing_ok=True)
+        self._pending.clear()
 
     def update(self, item_id: str, prob: np.ndarray | torch.Tensor, alpha: float) -> np.ndarray:
         """Fold a new prediction into an item's average (:func:`ema_update`) and write it atomically.
@@ -155,12 +263,13 @@ class EMAStore:
 
     def clear(self) -> None:
         """Remove every stored item."""
-        for p in self.root.glob("*.npy"):
+        self.abort()
+        for p in self._files():
             p.unlink()
 
     def state_dict(self) -> dict[str, Any]:
         """Every stored map as a tensor, for a checkpoint."""
-        items = {p.stem: torch.from_numpy(np.load(p)) for p in sorted(self.root.glob("*.npy"))}
+        items = {p.stem: torch.from_numpy(np.load(p)) for p in self._files()}
         return {**self._meta(), "items": items}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -211,6 +320,10 @@ class EMAEnsembleHandler:
         id_key: key of the item id in the evaluator's batches.
         image_key: key of the image, used for the figures.
         scribble_key: key of the scribbles.
+        slice_key: key of the slice index of a volume item (:func:`s2l_monai.volumes.slice_items`); batches without
+            it are 2D items. A volume's slices update its one store entry (:meth:`EMAStore.update_slice`), which is
+            committed when the evaluator moves on to another volume and at the end of the ensemble.
+        num_slices_key: key of the volume's slice count.
         figure_dir: folder for the figures; None for none.
         num_figures: how many items get a figure.
     """
@@ -228,6 +341,8 @@ class EMAEnsembleHandler:
         scribble_key: str = "scribble",
         figure_dir: str | os.PathLike | None = None,
         num_figures: int = 4,
+        slice_key: str = "slice",
+        num_slices_key: str = "num_slices",
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}.")
@@ -240,6 +355,8 @@ class EMAEnsembleHandler:
         self.tau = float(tau)
         self.unlabelled = int(unlabelled)
         self.id_key, self.image_key, self.scribble_key = id_key, image_key, scribble_key
+        self.slice_key, self.num_slices_key = slice_key, num_slices_key
+        self._volume: str | None = None
         self.figure_dir = None if figure_dir is None else Path(figure_dir)
         self.num_figures = int(num_figures)
         self.logger = logging.getLogger(self.__class__.__name__)
@@ -258,7 +375,13 @@ class EMAEnsembleHandler:
         start = time.perf_counter()
         self._epoch = engine.state.epoch
         self._passed = self._unlabelled_total = self._seen = 0
-        self.evaluator.run(engine.state.epoch)
+        self._volume = None
+        try:
+            self.evaluator.run(engine.state.epoch)
+        except BaseException:
+            self.store.abort()
+            raise
+        self.store.commit()
         network = getattr(engine, "network", None)
         if network is not None:
             network.train()
@@ -279,12 +402,22 @@ class EMAEnsembleHandler:
             batch_items = list(batch)
         else:
             preds = list(output["pred"])
-            batch_items = [{k: v[i] for k, v in batch.items() if k in (self.id_key, self.image_key, self.scribble_key)}
-                           for i in range(len(preds))]
+            wanted = (self.id_key, self.image_key, self.scribble_key, self.slice_key, self.num_slices_key)
+            batch_items = [{k: v[i] for k, v in batch.items() if k in wanted} for i in range(len(preds))]
         for item, logits in zip(batch_items, preds):
             item_id = str(item[self.id_key])
             prob = torch.softmax(logits.detach().float(), dim=0)
-            average = self.store.update(item_id, prob, self.alpha)
+            slice_index = item.get(self.slice_key)
+            if slice_index is None:
+                average = self.store.update(item_id, prob, self.alpha)
+                name = item_id
+            else:
+                if self._volume is not None and self._volume != item_id:
+                    self.store.commit(self._volume)  # slice items come grouped by volume: publish the finished one
+                self._volume = item_id
+                k = int(slice_index)
+                average = self.store.update_slice(item_id, k, int(item[self.num_slices_key]), prob, self.alpha)
+                name = f"{item_id}_z{k:04d}"
             scribble = np.asarray(item[self.scribble_key].detach().cpu())[0]
             unlabelled = scribble == self.unlabelled
             self._passed += int(((average.max(0) > self.tau) & unlabelled).sum())
@@ -292,7 +425,7 @@ class EMAEnsembleHandler:
             if self.figure_dir is not None and self._seen < self.num_figures:
                 image = np.asarray(item[self.image_key].detach().cpu())
                 save_pseudo_label_figure(
-                    self.figure_dir / f"{_SAFE.sub('_', item_id)}_epoch{self._epoch:04d}.png",
+                    self.figure_dir / f"{_SAFE.sub('_', name)}_epoch{self._epoch:04d}.png",
                     image, scribble, average, tau=self.tau, unlabelled=self.unlabelled,
                 )
             self._seen += 1

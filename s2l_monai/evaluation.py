@@ -176,6 +176,10 @@ class InstanceMetricsHandler:
                 raise TypeError(f"expected decollated item dicts, got {type(item).__name__} (use decollate=True)")
             try:
                 name = source_name(item, self.ref_key)
+                ref = item.get(self.ref_key)
+                slice_index = getattr(ref, "meta", {}).get("slice_index")
+                if slice_index is not None:  # a slice of a volume (s2l_monai.volumes.LoadVolumeSliced)
+                    name = f"{name}_z{int(slice_index):04d}"
             except KeyError:
                 batch = engine.state.batch
                 name = str(batch[index].get("id", index)) if isinstance(batch, list) else str(index)

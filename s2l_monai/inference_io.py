@@ -26,7 +26,7 @@ __all__ = ["IMAGE_EXTENSIONS", "SaveArrayd", "as_bool", "image_stem", "list_imag
 #: File types read as input images (case-insensitive).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 _OUTPUT_EXTENSIONS = (".png", ".tif", ".tiff")
-_STEM = re.compile(r"(\.ome\.tiff?|\.[A-Za-z0-9]+)$", re.IGNORECASE)
+_STEM = re.compile(r"(\.ome\.tiff?|\.nii\.gz|\.[A-Za-z0-9]+)$", re.IGNORECASE)
 
 
 def as_bool(value: Any) -> bool:
@@ -52,7 +52,7 @@ def as_bool(value: Any) -> bool:
 
 
 def image_stem(path: str | os.PathLike) -> str:
-    """Base name of an image file without folder and extension (``a/b/x.ome.tif`` -> ``x``)."""
+    """Base name of an image file without folder and extension (``a/b/x.ome.tif`` -> ``x``, ``x.nii.gz`` -> ``x``)."""
     return _STEM.sub("", Path(path).name)
 
 

@@ -75,19 +75,30 @@ class LoadPseudoLabeld(MapTransform, RandomizableTrait):
         store: the EMA store.
         id_key: key of the item's id.
         ref_key: key of the image whose spatial shape and metadata the map takes.
+        slice_key: key of the slice index of a volume item (:func:`s2l_monai.volumes.slice_items`): its slice of the
+            item's pseudo-label volume is read (memory-mapped); items without it are 2D.
     """
 
-    def __init__(self, keys: KeysCollection, store: EMAStore, id_key: str = "id", ref_key: str = "image") -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        store: EMAStore,
+        id_key: str = "id",
+        ref_key: str = "image",
+        slice_key: str = "slice",
+    ) -> None:
         super().__init__(keys)
         self.store = store
         self.id_key = id_key
         self.ref_key = ref_key
+        self.slice_key = slice_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         ref = d[self.ref_key]
         spatial = tuple(ref.shape[1:])
-        prob = self.store.probabilities(str(d[self.id_key]))
+        index = d.get(self.slice_key)
+        prob = self.store.probabilities(str(d[self.id_key]), None if index is None else int(index))
         if prob is None:
             prob = np.zeros((self.store.num_classes, *spatial), dtype=np.float32)
         elif prob.shape[1:] != spatial:

@@ -1,0 +1,479 @@
+"""ISBI 2012 (serial-section EM) benchmark of Scribble2Label, trained and evaluated slice by slice (issue 4).
+
+Resumable like ``benchmarks/dsb.py``: every finished run appends one record to ``benchmarks/results/em.json``
+(written atomically; the record keys are those of the DSB benchmark, ``dataset`` = ``isbi2012``) and a rerun skips
+the (dataset, ratio, method, seed) records already there; ``benchmarks/results/em.md`` is regenerated after every
+run.
+
+Data: ``../shared/data/isbi2012/train-volume.tif`` and ``train-labels.tif`` (30x512x512; label 255 = cell interior =
+foreground). Fixed slice split: 0-19 train, 20-24 validation, 25-29 test, each written as its own TIFF volume.
+Automatic scribbles on 10% (:func:`s2l_monai.data.scribbles.auto_scribbles`, per slice, one seeded generator for
+the whole volume, as the paper's EM setting). Methods (overrides of the same ``configs/train.json`` with
+``--slice_axis 0``): Scribble2Label, pCE only (``lambda_up 0``), Full (the full masks as scribbles,
+``lambda_up 0``), 2 seeds; plus an Otsu line (no learning). Each model is evaluated on the test volume by
+``configs/inference.json`` + ``configs/evaluate.json`` with ``--slice_axis 0``: IoU and mDice are means over the
+5 test slices (each slice is an image, as in the paper); 3D numbers are in each run's ``eval_*/volume_3d/``.
+
+Examples::
+
+    .venv/bin/python benchmarks/em.py --work /tmp/s2l_em
+    .venv/bin/python benchmarks/em.py --work /tmp/s2l_em --list
+    .venv/bin/python benchmarks/em.py --work /tmp/s2l_em --only s2l:0 --max-runs 1
+    .venv/bin/python benchmarks/em.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+try:
+    from benchmarks import common, dsb
+except ImportError:  # run as a script: python benchmarks/em.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import common, dsb
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "isbi2012"
+DATASET = "isbi2012"
+RATIO = 0.1
+SPLIT: dict[str, tuple[int, int]] = {"train": (0, 20), "val": (20, 25), "test": (25, 30)}  # [start, stop)
+
+# --------------------------------------------------------------------------------------------------------------
+# Profile ``cpu``: each training run must take at most 10 minutes on 2 CPU cores.
+# PLACEHOLDER VALUES: the lead engineer sets the measured ones here (and only here).
+# --------------------------------------------------------------------------------------------------------------
+CPU_PROFILE: dict[str, Any] = {
+    "max_epochs": 40,
+    "warmup_epochs": 15,
+    "ema_every": 5,
+    "roi_size": [128, 128],
+    "num_samples": 4,
+    "batch_size": 16,
+    "learning_rate": 1e-3,
+    "num_workers": 1,
+}
+#: ``--smoke`` (hidden): 1 epoch on a few slices, to check the harness end to end.
+SMOKE_OVERRIDES: dict[str, Any] = {"max_epochs": 1, "warmup_epochs": 0, "ema_every": 1, "num_workers": 0}
+SMOKE_SPLIT: dict[str, tuple[int, int]] = {"train": (0, 3), "val": (20, 21), "test": (25, 27)}
+
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
+    "s2l": {},
+    "pce": {"lambda_up": 0},
+    "full": {"lambda_up": 0},  # full masks as scribbles on every training slice (datalist_full.json)
+}
+METHOD_LABELS = {"pce": "pCE only", "s2l": "Scribble2Label", "full": "Full", "otsu": "Otsu (no learning)"}
+SEEDS = (0, 1)
+KEY_FIELDS = dsb.KEY_FIELDS
+# Paper (Lee & Jeong, MICCAI 2020, Table 1, EM column), IoU [mDice]; its mDice is the per-image variant.
+PAPER_EM: dict[str, tuple[float, float]] = {"pce": (0.9000, 0.9032), "s2l": (0.9208, 0.9167), "full": (0.9298, 0.9149)}
+# Anchors measured on this split before this benchmark existed (issue 4): IoU only.
+ANCHORS: dict[str, float] = {
+    "Otsu": 0.635,
+    "random forest on ilastik-style features, 10% scribbles": 0.876,
+    "small MONAI U-Net, 5 min of partial cross-entropy, 10% scribbles": 0.870,
+}
+
+
+@dataclass(frozen=True)
+class EMRun:
+    """One run: method and seed (``ratio`` is 0.1 for scribbles, None for Full and Otsu)."""
+
+    method: str
+    seed: int | None
+
+    dataset = DATASET
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.method in ("full", "otsu") else RATIO
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return dsb.record_key({"dataset": DATASET, "ratio": self.ratio, "method": self.method, "seed": self.seed})
+
+    @property
+    def datalist_name(self) -> str:
+        return "datalist_full.json" if self.method == "full" else "datalist_10.json"
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.method}:{'-' if self.seed is None else self.seed}"
+
+    @property
+    def dir_name(self) -> str:
+        return f"{DATASET}_{self.method}_{'na' if self.seed is None else f's{self.seed}'}"
+
+
+def build_plan() -> list[EMRun]:
+    """S2L, pCE, Full for seed 0, the Otsu line, then the three again for seed 1."""
+    plan = [EMRun(m, 0) for m in ("s2l", "pce", "full")] + [EMRun("otsu", None)]
+    return plan + [EMRun(m, 1) for m in ("s2l", "pce", "full")]
+
+
+def select_plan(plan: Sequence[EMRun], only: Sequence[str] | None) -> list[EMRun]:
+    """Runs matching ``METHOD:SEED`` patterns (``*`` matches anything, SEED ``-`` for Otsu)."""
+    if not only:
+        return list(plan)
+    pats = [s.split(":") for s in only]
+    if any(len(p) != 2 for p in pats):
+        raise ValueError(f"--only {list(only)}: expected METHOD:SEED, e.g. s2l:0, full:1, otsu:-")
+    out = [r for r in plan if any(all(a in ("*", b) for a, b in zip(p, r.run_id.split(":"))) for p in pats)]
+    if not out:
+        raise ValueError(f"--only {list(only)} matches no run; see --list")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+
+
+def prepare_data(src: Path, out: Path, split: dict[str, tuple[int, int]], seed: int = 0) -> Path:
+    """Split the ISBI stack into train / val / test TIFF volumes with labels and 10% automatic scribbles.
+
+    Writes ``images/{train,val,test}.tif``, ``labels/*.tif`` (0/255), ``scribbles/train_10.tif`` (0 background,
+    1 foreground, 255 unlabelled), ``scribbles/train_full.tif`` (the full mask as 0/1) and ``datalist_10.json`` /
+    ``datalist_full.json``. Idempotent: a folder with both datalists is left alone.
+    """
+    import numpy as np
+
+    from s2l_monai.data.scribbles import auto_scribbles
+    from s2l_monai.volumes import VolumeGeometry, open_volume, write_volume
+
+    if (out / "datalist_10.json").is_file() and (out / "datalist_full.json").is_file():
+        return out
+    image_path, label_path = src / "train-volume.tif", src / "train-labels.tif"
+    for p in (image_path, label_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: the ISBI 2012 stacks are expected in {src} (see --data)")
+    image, label = open_volume(image_path), open_volume(label_path)
+    geometry = image.geometry
+    for name, (a, b) in split.items():
+        g = VolumeGeometry(**{**geometry.__dict__, "shape": (b - a, *image.shape[1:])})
+        img = np.stack([image.slice(0, k) for k in range(a, b)])
+        lab = np.stack([label.slice(0, k) for k in range(a, b)])
+        write_volume(out / "images" / f"{name}.tif", img, g)
+        write_volume(out / "labels" / f"{name}.tif", np.where(lab == 255, 255, 0).astype(np.uint8), g)
+        if name == "train":
+            rng = np.random.default_rng(seed)
+            scribble = np.stack([auto_scribbles(s == 255, RATIO, rng) for s in lab])
+            write_volume(out / "scribbles" / "train_10.tif", scribble, g)
+            write_volume(out / "scribbles" / "train_full.tif", (lab == 255).astype(np.uint8), g)
+    for tag in ("10", "full"):
+        datalist = {
+            "scribble_values": {"background": 0, "foreground": 1, "unlabelled": 255},
+            "training": [{"image": "images/train.tif", "scribble": f"scribbles/train_{tag}.tif",
+                          "label": "labels/train.tif"}],
+            "validation": [{"image": "images/val.tif", "label": "labels/val.tif"}],
+            "test": [{"image": "images/test.tif", "label": "labels/test.tif"}],
+        }
+        common.write_json_atomic(out / f"datalist_{tag}.json", datalist)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train_overrides(run: EMRun, smoke: bool = False) -> dict[str, Any]:
+    """Profile, method, smoke overrides (later ones win)."""
+    over = {**CPU_PROFILE, **METHOD_OVERRIDES[run.method]}
+    if smoke:
+        over.update(SMOKE_OVERRIDES)
+    return over
+
+
+def train_command(run: EMRun, dataset_dir: Path, run_dir: Path, smoke: bool = False) -> list[str]:
+    """``python -m monai.bundle run training --slice_axis 0 ...`` (cwd = repository root)."""
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
+        "--slice_axis", "0", "--dataset_dir", str(dataset_dir), "--datalist_name", run.datalist_name,
+        "--output_dir", str(run_dir / "train"), "--ckpt_dir", str(run_dir / "ckpt"), "--seed", str(run.seed),
+    ]
+    for key, value in train_overrides(run, smoke).items():
+        cmd += [f"--{key}", dsb._cli_value(value)]
+    return cmd
+
+
+def eval_command(run: EMRun, dataset_dir: Path, ckpt: Path, out_dir: Path, instance_method: str) -> list[str]:
+    """Slice-wise evaluation of the test volume."""
+    return [
+        sys.executable, "-m", "monai.bundle", "run", dsb.eval_run_id(),
+        "--config_file", "['configs/inference.json','configs/evaluate.json']", "--slice_axis", "0",
+        "--dataset_dir", str(dataset_dir), "--datalist_name", run.datalist_name, "--ckpt_path", str(ckpt),
+        "--output_dir", str(out_dir), "--instance_method", instance_method,
+    ]
+
+
+def otsu_evaluate(dataset_dir: Path, out_dir: Path, instance_method: str) -> dict[str, Any]:
+    """Otsu per test slice (percentile scaling as the configs; bright = foreground), the network's post-processing,
+    the same metrics."""
+    import numpy as np
+    from skimage.filters import threshold_otsu
+
+    from s2l_monai.evaluation import gt_instances
+    from s2l_monai.instances import instances_from_mask
+    from s2l_monai.metrics import evaluate_pair, write_reports
+    from s2l_monai.volumes import open_volume
+
+    datalist = json.loads((dataset_dir / "datalist_10.json").read_text())
+    records = []
+    for item in datalist["test"]:
+        image, label = open_volume(dataset_dir / item["image"]), open_volume(dataset_dir / item["label"])
+        for k in range(image.shape[0]):
+            img = image.slice(0, k).astype(np.float32)
+            lo, hi = np.percentile(img, (1, 99.8))
+            scaled = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
+            # EM: the foreground (cell interior) is the BRIGHT and larger side; otsu_foreground picks the smaller
+            # side (nuclei in light microscopy), which here would be the membranes.
+            semantic = scaled > threshold_otsu(scaled) if scaled.max() > scaled.min() else np.zeros_like(scaled, bool)
+            pred = instances_from_mask(semantic, instance_method, min_size=64)
+            gt = gt_instances(label.slice(0, k))
+            records.append(evaluate_pair(pred, gt, semantic, name=f"{Path(item['image']).stem}_z{k:04d}"))
+    write_reports(records, out_dir)
+    return dsb._read_summary(out_dir)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def execute_run(run: EMRun, data_dir: Path, work: Path, context: dict[str, Any], smoke: bool = False) -> dict:
+    """Train (unless Otsu) and evaluate one run; return its record (the DSB benchmark's keys)."""
+    run_dir = work / "runs" / run.dir_name
+    log = run_dir / "log.txt"
+    start = time.perf_counter()
+    reused, reused_seconds = False, 0.0
+    summaries: dict[str, dict[str, Any]] = {}
+    if run.method == "otsu":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with common.ProcessTreeMonitor(os.getpid(), interval=0.5) as mon:
+            t0 = time.perf_counter()
+            for method in ("connected", "watershed"):
+                summaries[method] = otsu_evaluate(data_dir, run_dir / f"eval_{method}", method)
+            seconds = time.perf_counter() - t0
+        train = {"train_seconds": 0.0, "peak_rss_mb": round(mon.peak_mb, 1), "images_per_second": None,
+                 "command": "benchmarks/em.py otsu_evaluate (in process)", "eval_seconds": round(seconds, 1)}
+    else:
+        meta_path, ckpt = run_dir / "train_meta.json", run_dir / "ckpt" / "model.pt"
+        if meta_path.is_file() and ckpt.is_file():
+            train = json.loads(meta_path.read_text())
+            reused, reused_seconds = True, float(train.get("train_seconds") or 0.0)
+            print(f"[em] {run.run_id}: reusing the finished training in {run_dir}", flush=True)
+        else:
+            for sub in ("train", "ckpt"):
+                shutil.rmtree(run_dir / sub, ignore_errors=True)
+            cmd = train_command(run, data_dir, run_dir, smoke)
+            print(f"[em] {run.run_id}: training ({dsb._quote(cmd)})", flush=True)
+            res = common.run_measured(cmd, REPO_ROOT, log)
+            if res.returncode != 0 or not ckpt.is_file():
+                raise RuntimeError(f"{run.run_id}: training exited {res.returncode}; see {log}")
+            over = train_overrides(run, smoke)
+            from s2l_monai.volumes import slice_items
+
+            datalist = json.loads((data_dir / run.datalist_name).read_text())
+            items = [{**i, "image": str(data_dir / i["image"]), "scribble": str(data_dir / i["scribble"])}
+                     for i in datalist["training"]]
+            n_train = len(slice_items(items, 0))  # scribbled training slices
+            epochs, iterations = dsb._trained_epochs(run_dir / "ckpt")
+            epochs = epochs if epochs is not None else int(over["max_epochs"])
+            patches = n_train * int(over["num_samples"]) * epochs
+            train = {
+                "train_seconds": round(res.seconds, 1), "peak_rss_mb": res.peak_rss_mb,
+                "images_per_second": round(patches / res.seconds, 2) if res.seconds > 0 else None,
+                "n_train_images": n_train, "epochs": epochs, "iterations": iterations, "patches": patches,
+                "overrides": over, "command": dsb._quote(cmd),
+            }
+            common.write_json_atomic(meta_path, train)
+        eval_seconds = 0.0
+        for method in ("connected", "watershed"):
+            out = run_dir / f"eval_{method}"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = eval_command(run, data_dir, ckpt, out, method)
+            print(f"[em] {run.run_id}: evaluating ({method})", flush=True)
+            res = common.run_measured(cmd, REPO_ROOT, log)
+            if res.returncode != 0:
+                raise RuntimeError(f"{run.run_id}: evaluation ({method}) exited {res.returncode}; see {log}")
+            summaries[method] = dsb._read_summary(out)
+            eval_seconds += res.seconds
+        train = {**train, "eval_seconds": round(eval_seconds, 1)}
+    train["wall_seconds"] = round(time.perf_counter() - start, 1) + (reused_seconds if reused else 0.0)
+    return dsb.make_record(run, summaries["connected"], summaries["watershed"], train, context)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _select(records: Sequence[dict[str, Any]], method: str) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("dataset") == DATASET and r.get("method") == method]
+
+
+def main_table(records: Sequence[dict[str, Any]]) -> str:
+    """Methods: ours (mean ± std over seeds) beside the paper's EM column."""
+    rows = []
+    for method in ("pce", "s2l", "full", "otsu"):
+        recs = _select(records, method)
+        train_s, _, _ = common.mean_std(r.get("train_seconds") for r in recs)
+        rows.append([METHOD_LABELS[method], dsb.ours_cell(recs), dsb.paper_cell(PAPER_EM.get(method)),
+                     common.fmt(train_s, 0)])
+    return common.markdown_table(["method", "ISBI 2012 ours, IoU [mDice]", "paper EM", "train s (mean)"], rows)
+
+
+def check_targets(records: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """Issue 4's targets: S2L IoU within 0.02 of Full, and above pCE-only (means over seeds)."""
+    s, _, ns = common.mean_std(r.get("iou") for r in _select(records, "s2l"))
+    f, _, nf = common.mean_std(r.get("iou") for r in _select(records, "full"))
+    p, _, np_ = common.mean_std(r.get("iou") for r in _select(records, "pce"))
+    out = []
+    name = "S2L IoU within 0.02 of Full"
+    if s is None or f is None:
+        out.append((name, dsb.NOT_MEASURED, f"S2L records: {ns}, Full records: {nf}"))
+    else:
+        out.append((name, "PASS" if f - s <= 0.02 else "FAIL", f"S2L {s:.4f} (n={ns}) vs Full {f:.4f} (n={nf})"))
+    name = "S2L IoU above pCE-only"
+    if s is None or p is None:
+        out.append((name, dsb.NOT_MEASURED, f"S2L records: {ns}, pCE records: {np_}"))
+    else:
+        out.append((name, "PASS" if s > p else "FAIL", f"S2L {s:.4f} (n={ns}) vs pCE {p:.4f} (n={np_})"))
+    return out
+
+
+def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> str:
+    """The whole ``em.md``."""
+    machines = sorted({common.machine_line(r["machine"]) for r in records if isinstance(r.get("machine"), dict)})
+    if not machines and header.get("machine"):
+        machines = [common.machine_line(header["machine"])]
+    commands = sorted({r["harness_command"] for r in records if r.get("harness_command")}) or (
+        [header["command"]] if header.get("command") else [])
+    peaks = [r.get("peak_rss_mb") for r in records if isinstance(r.get("peak_rss_mb"), (int, float))]
+    total = sum(float(r.get("wall_seconds") or r.get("train_seconds") or 0.0) for r in records)
+    plan = build_plan()
+    done = {dsb.record_key(r) for r in records}
+    lines = [
+        "# ISBI 2012 (serial-section EM) benchmark: Scribble2Label vs baselines, slice-wise",
+        "",
+        "Generated by `benchmarks/em.py` from `" + header.get("results_name", "em.json") + "`; do not edit by hand.",
+        "",
+        "- **Command(s):** " + ("; ".join(f"`{c}`" for c in commands) if commands else common.DASH),
+        "- **Machine(s):** " + ("; ".join(machines) if machines else common.DASH),
+        f"- **Runs:** {sum(r.key in done for r in plan)} of {len(plan)} planned have a record",
+        f"- **Total wall time** (training + evaluations): {total / 3600:.2f} h",
+        f"- **Peak memory** (largest peak RSS of a process tree, MB): {common.fmt(max(peaks) if peaks else None, 0)}",
+        f"- **Report written:** {header.get('date', common.now_iso())}",
+        "",
+        "Split: slices 0-19 train, 20-24 validation, 25-29 test (`train-volume.tif`, foreground = label 255).",
+        "Automatic scribbles on 10% (seed 0). Every method is `configs/train.json --slice_axis 0` with overrides;",
+        "IoU / mDice are means over the 5 test slices (connected-component instances, the paper's post-processing);",
+        "mDice in brackets is the correct pooled one. `–`: no record yet. Paper: Lee & Jeong, MICCAI 2020, Table 1,",
+        "EM column.",
+        "",
+        main_table(records),
+        "",
+        "Anchors measured on this split (issue 4, IoU): "
+        + "; ".join(f"{k} {v:.3f}" for k, v in ANCHORS.items()) + ".",
+        "",
+        "## All records",
+        "",
+        dsb.records_table(records),
+        "",
+        "## Targets (issue 4; test slices, mean over seeds)",
+        "",
+    ]
+    lines += common.markdown_table(["target", "status", "measured"], [list(t) for t in check_targets(records)],
+                                   align=["l", "l", "l"]).splitlines()
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(results: Path, header: dict[str, Any]) -> Path:
+    """Regenerate ``em.md`` next to ``results``."""
+    md = results.with_suffix(".md")
+    common.write_text_atomic(md, render_report(common.load_records(results), {"results_name": results.name, **header}))
+    return md
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; exit 0 when every attempted run succeeded, 1 otherwise, 2 on bad input."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"ISBI 2012 folder (default {DEFAULT_DATA})")
+    p.add_argument("--work", type=Path, default=Path("/tmp/s2l_em"))
+    p.add_argument("--only", nargs="+", default=None, metavar="METHOD:SEED")
+    p.add_argument("--max-runs", type=int, default=None)
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--results", type=Path, default=None, help="result JSON (default benchmarks/results/em.json)")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    results = args.results or (args.work / "results_smoke" / "em.json" if args.smoke else RESULTS_DIR / "em.json")
+    given = sys.argv[1:] if argv is None else argv
+    harness_cmd = "python benchmarks/em.py " + " ".join(shlex.quote(a) for a in given)
+    try:
+        plan = select_plan(build_plan(), args.only)
+        records = common.load_records(results)
+    except ValueError as exc:
+        print(f"em.py: error: {exc}", file=sys.stderr)
+        return 2
+    if args.list:
+        done = {dsb.record_key(r) for r in records}
+        for run in plan:
+            print(f"{'done   ' if run.key in done else 'pending'}  {run.run_id}")
+        return 0
+    header = {"command": harness_cmd, "machine": common.machine_info()}
+    if args.report_only:
+        print(f"[em] wrote {write_report(results, header)}")
+        return 0
+    data_dir = args.work / ("data_smoke" if args.smoke else "data")
+    try:
+        prepare_data(args.data, data_dir, SMOKE_SPLIT if args.smoke else SPLIT)
+    except FileNotFoundError as exc:
+        print(f"em.py: error: {exc}", file=sys.stderr)
+        return 2
+    done = {dsb.record_key(r) for r in records}
+    todo = [r for r in plan if r.key not in done]
+    if args.max_runs is not None:
+        todo = todo[: max(0, args.max_runs)]
+    context = {"profile": "cpu" + ("+smoke" if args.smoke else ""), "machine": header["machine"],
+               "git_commit": common.git_commit(REPO_ROOT), "harness_command": harness_cmd}
+    failed = []
+    for i, run in enumerate(todo, 1):
+        print(f"[em] ({i}/{len(todo)}) {run.run_id}", flush=True)
+        try:
+            record = execute_run(run, data_dir, args.work, {**context, "date": common.now_iso()}, smoke=args.smoke)
+        except (RuntimeError, OSError, ValueError, KeyError) as exc:
+            print(f"[em] FAILED {run.run_id}: {exc}", file=sys.stderr, flush=True)
+            failed.append(run.run_id)
+            continue
+        common.append_record(results, record, KEY_FIELDS)
+        print(f"[em] {run.run_id}: IoU {common.fmt(record['iou'])} mDice {common.fmt(record['mdice'])} "
+              f"train {record['train_seconds']} s, peak RSS {record['peak_rss_mb']} MB", flush=True)
+        write_report(results, header)
+    md = write_report(results, header)
+    print(f"[em] results: {results}, report: {md}", flush=True)
+    if failed:
+        print(f"[em] {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
