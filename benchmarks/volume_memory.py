@@ -109,13 +109,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     import torch
-    from monai.networks.nets import UNet
+    from monai.bundle import ConfigParser
 
     t0 = time.perf_counter()
     make_volume(data_dir, args.size)
     prepare_seconds = time.perf_counter() - t0
     torch.manual_seed(0)
-    net = UNet(2, 1, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / "configs" / "train.json"))
+    net = parser.get_parsed_content("network_def")  # the shipped default network
     torch.save(net.state_dict(), model)
     log = work / "log.txt"
     rows: list[dict[str, Any]] = []

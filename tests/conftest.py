@@ -23,3 +23,12 @@ def dsb_zip(shared_data: Path) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} is absent: download stage1_train.zip from https://bbbc.broadinstitute.org/BBBC038")
     return path
+
+
+def default_network():
+    """The network of ``configs/train.json`` (``network_def``), so tests follow the shipped configuration."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / "configs" / "train.json"))
+    return parser.get_parsed_content("network_def")

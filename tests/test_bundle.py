@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import default_network
 
 from s2l_monai.data.synthetic import make_synthetic_dataset
 from s2l_monai.ensemble import EMAStore
@@ -56,9 +57,9 @@ def test_training_run_writes_checkpoint_with_ema_store(trained):
     assert len(figures) == 4 and all(f.name.endswith("_epoch0002.png") for f in figures)
     assert list((root / "out" / "tensorboard").glob("events.out.tfevents.*"))
     # the network weights alone, loadable into the configured network
-    from monai.networks.nets import UNet
 
-    net = UNet(2, 1, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)
+
+    net = default_network()
     net.load_state_dict(torch.load(root / "models" / "model.pt", map_location="cpu"))
 
 

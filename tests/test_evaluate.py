@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import default_network
 from ignite.engine import Engine
 from monai.data import MetaTensor
-from monai.networks.nets import UNet
 from PIL import Image
 
 from s2l_monai.cli import main
@@ -124,7 +124,7 @@ def test_s2l_otsu_baseline_on_synthetic_set(tmp_path):
 @pytest.mark.slow
 def test_evaluate_bundle_merged_with_inference_config(tmp_path):
     torch.manual_seed(0)
-    net = UNet(2, 1, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)
+    net = default_network()
     (tmp_path / "models").mkdir()
     torch.save(net.state_dict(), tmp_path / "models" / "model.pt")
     make_synthetic_dataset(tmp_path / "data", n_train=2, n_val=1, n_test=2, shape=(96, 80))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import default_network
 from monai.bundle import ConfigParser
 from monai.networks.nets import UNet
 from PIL import Image
@@ -31,7 +32,7 @@ CONFIG = REPO / "configs" / "inference.json"
 
 def _random_model(path: Path, seed: int = 0) -> UNet:
     torch.manual_seed(seed)
-    net = UNet(2, 1, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)
+    net = default_network()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
     return net
