@@ -430,7 +430,3 @@ class EMAEnsembleHandler:
                 )
             self._seen += 1
 
-
-def remove_store(root: str | os.PathLike) -> None:
-    """Delete a store folder (used to start a run from scratch)."""
-    shutil.rmtree(root, ignore_errors=True)
