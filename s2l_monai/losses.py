@@ -39,7 +39,7 @@ class ScribbleLoss(_Loss):
         lambda_up: weight of ``L_up`` (paper: 0.5).
         unlabelled: scribble value of unlabelled pixels (ignored by ``L_sp``).
         pseudo_label_enabled: whether ``L_up`` is added to the loss.
-        reduction: only ``"mean"`` is meaningful; the means are over pixels as in the paper.
+        reduction: only ``"mean"``: both terms are means over their pixel sets, as in the paper.
     """
 
     def __init__(
@@ -51,6 +51,8 @@ class ScribbleLoss(_Loss):
         reduction: LossReduction | str = LossReduction.MEAN,
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
+        if self.reduction != LossReduction.MEAN.value:
+            raise ValueError(f"ScribbleLoss supports reduction='mean' only (means over pixel sets), got {reduction!r}.")
         if not 0.0 <= tau < 1.0:
             raise ValueError(f"tau must be in [0, 1), got {tau}.")
         if lambda_up < 0:

@@ -101,3 +101,5 @@ def test_bad_inputs_raise():
         fn(_logits(), torch.zeros(1, 2, 1, 3))
     with pytest.raises(ValueError, match="tau"):
         ScribbleLoss(tau=1.5)
+    with pytest.raises(ValueError, match="mean"):
+        ScribbleLoss(reduction="sum")
