@@ -32,3 +32,15 @@ def default_network():
     parser = ConfigParser()
     parser.read_config(str(REPO_ROOT / "configs" / "train.json"))
     return parser.get_parsed_content("network_def")
+
+
+def run_bundle(run_id: str, config: str, *overrides: str):
+    """Run ``python -m monai.bundle run RUN_ID --config_file CONFIG ...`` from the repository root; assert success."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config, *overrides]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc

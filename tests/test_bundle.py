@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import default_network
+from conftest import default_network, run_bundle
 
 from s2l_monai.data.synthetic import make_synthetic_dataset
 from s2l_monai.ensemble import EMAStore
@@ -22,12 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _run(*overrides: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json", *overrides]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
+def _run(*overrides: str):
+    return run_bundle("training", "configs/train.json", *overrides)
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,12 @@ slice-wise inference and evaluation through configs/inference.json + configs/eva
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_bundle
 
 from s2l_monai.data.scribbles import auto_scribbles
 from s2l_monai.data.synthetic import synthetic_nuclei
@@ -43,19 +41,11 @@ def make_volume_dataset(root: Path, shape: tuple[int, int, int] = SHAPE, scribbl
     return root
 
 
-def _bundle(run_id: str, config: str, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config, *overrides]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
 @pytest.fixture(scope="module")
 def trained_3d(tmp_path_factory):
     root = tmp_path_factory.mktemp("vol3d")
     make_volume_dataset(root / "data")
-    proc = _bundle(
+    proc = run_bundle(
         "training", "configs/train.json",
         "--dataset_dir", str(root / "data"), "--output_dir", str(root / "out"), "--ckpt_dir", str(root / "models"),
         "--slice_axis", "0", "--max_epochs", "2", "--warmup_epochs", "1", "--ema_every", "1", "--num_workers", "0",
@@ -88,7 +78,7 @@ def test_3d_training_trains_scribbled_slices_and_fills_one_ema_volume(trained_3d
 def test_3d_inference_and_evaluation_keep_the_input_geometry(trained_3d, tmp_path):
     root, _ = trained_3d
     ckpt = str(root / "models" / "model.pt")
-    _bundle(
+    run_bundle(
         "inference", "configs/inference.json", "--slice_axis", "0", "--input_dir", str(root / "data" / "images"),
         "--ckpt_path", ckpt, "--output_dir", str(tmp_path / "infer"), "--infer_roi_size", "[64,64]",
         "--save_probabilities", "true", "--instance_mode", "3d", "--min_size", "4",
@@ -106,7 +96,7 @@ def test_3d_inference_and_evaluation_keep_the_input_geometry(trained_3d, tmp_pat
     assert set(np.unique(inst).tolist()) == set(range(int(inst.max()) + 1))  # 3D components, ids 1..N
 
     out = tmp_path / "eval"
-    _bundle(
+    run_bundle(
         "evaluating", "['configs/inference.json','configs/evaluate.json']", "--slice_axis", "0",
         "--dataset_dir", str(root / "data"), "--ckpt_path", ckpt, "--output_dir", str(out),
         "--infer_roi_size", "[64,64]",
