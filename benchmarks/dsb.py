@@ -66,9 +66,13 @@ CPU_MODALITY_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 #: ``paper``: the authors' recipe from ``configs/paper.json`` (for a GPU), no further overrides.
 PAPER_PROFILE: dict[str, Any] = {}
-PROFILES: dict[str, dict[str, Any]] = {"cpu": CPU_PROFILE, "paper": PAPER_PROFILE}
+#: ``default``: the bundle's own defaults in ``configs/train.json`` (60 epochs, 20 of warm-up, an ensemble every
+#: 5 epochs), unchanged: what a user gets from ``monai.bundle run training`` (minutes on a GPU).
+DEFAULT_PROFILE: dict[str, Any] = {}
+PROFILES: dict[str, dict[str, Any]] = {"cpu": CPU_PROFILE, "default": DEFAULT_PROFILE, "paper": PAPER_PROFILE}
 PROFILE_CONFIGS: dict[str, list[str]] = {
     "cpu": ["configs/train.json"],
+    "default": ["configs/train.json"],
     "paper": ["configs/train.json", "configs/paper.json"],
 }
 #: ``--smoke`` (hidden): a 1-epoch run on a few images, to check the harness end to end in ~1-2 minutes.
@@ -556,7 +560,7 @@ def records_table(records: Sequence[dict[str, Any]]) -> str:
     """Every record, in plan order, with the instance metrics and the costs."""
     plan_keys = {r.key: i for i, r in enumerate(build_plan())}
     headers = ["dataset", "ratio", "method", "seed", "IoU", "mDice", "mDice (paper var.)", "DSB cc", "DSB ws",
-               "PQ cc", "PQ ws", "AJI", "F1@0.5", "train s", "peak RSS MB", "img/s", "profile"]
+               "PQ cc", "PQ ws", "AJI", "F1@0.5", "train s", "peak RSS MB", "img/s", "profile", "ran on"]
     rows = []
     for r in sorted(records, key=lambda r: _order_index(r, plan_keys)):
         ratio = r.get("ratio")
@@ -578,8 +582,18 @@ def records_table(records: Sequence[dict[str, Any]]) -> str:
             common.fmt(r.get("peak_rss_mb"), 0),
             common.fmt(r.get("images_per_second"), 1),
             r.get("profile", common.DASH),
+            ran_on(r.get("machine")),
         ])
     return common.markdown_table(headers, rows, align=["l", "r", "l", "r"] + ["r"] * (len(headers) - 4))
+
+
+def ran_on(machine: Any) -> str:
+    """Short name of the machine a record was measured on: its GPU if it had one, else its core count."""
+    if not isinstance(machine, dict):
+        return common.DASH
+    if machine.get("gpu"):
+        return f"GPU ({str(machine['gpu']).replace('NVIDIA ', '')}, {machine.get('cores', '?')} cores)"
+    return f"CPU, {machine.get('cores', '?')} cores"
 
 
 NOT_MEASURED = "not yet measured"
@@ -691,6 +705,8 @@ def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> 
         "cc = connected components (primary), ws = distance-transform watershed. Train s = training wall time;",
         "peak RSS = max over 0.5 s polls of the summed VmRSS of the training process and its children (for Otsu: of",
         "the evaluation); img/s = training patches (training images × patches per image × epochs) per second.",
+        "Records that ran on the lent GPU machine use the same `cpu` profile (same epochs, patches and",
+        "hyper-parameters), so their quality figures compare; their times and memory do not (several runs shared it).",
         "",
         records_table(records),
         "",
@@ -765,7 +781,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=Path("/tmp/s2l_dsb"),
                    help="prepared data, checkpoints, predictions and logs (default /tmp/s2l_dsb)")
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
-                   help="cpu: <= 10 min per training on 2 CPU cores; paper: configs/paper.json (GPU)")
+                   help="cpu: <= 10 min per training on 2 CPU cores; default: the bundle's defaults (GPU);"
+                        " paper: configs/paper.json (GPU)")
     p.add_argument("--only", nargs="+", default=None, metavar="MOD:RATIO:METHOD:SEED",
                    help="run only these, e.g. fluorescence:30:s2l:0 fluorescence:full:full:1 brightfield:full:otsu:-"
                         " ('*' matches anything)")
