@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the model-zoo package ``scribble2label_v<version>.zip`` with one command.
 
-    python bundle/build.py --model models/model.pt [--version 0.2.0] [--out dist] [--repo OWNER/REPO]
+    python bundle/build.py --model models/model.pt [--version 0.3.0] [--out dist] [--repo OWNER/REPO]
                            [--metrics summary.json]
 
 The zip holds one top-level folder ``scribble2label/``: ``configs/`` (train, inference, evaluate, paper, metadata,
