@@ -1,0 +1,133 @@
+"""Training task: Scribble2Label from the scribbles saved in the datastore, no full labels needed.
+
+MONAI Label's :class:`~monailabel.tasks.train.bundle.BundleTrainTask` runs the bundle's ``run`` with overrides;
+this subclass only changes what it is given:
+
+* the data: every image with a saved (final) label whose segments include scribbles; the label's values are
+  mapped onto the bundle's scribble values (:mod:`lib.scribble_labels`) and written with a datalist into
+  ``<bundle>/runs/monailabel/dataset``;
+* no validation split (there is nothing to validate against without full labels);
+* resuming: the network starts from the previous ``models/model.pt`` (MONAI Label's "pretrained" option, on by
+  default) with a fresh optimiser and schedule; the EMA pseudo-label store of earlier runs
+  (``<bundle>/runs/monailabel/train/ema``, keyed by image id) is reused for every image whose content did not
+  change (:func:`lib.training_set.refresh_ema_store`);
+* Scribble2Label's hyper-parameters can be set per request (``max_epochs``, ``warmup_epochs``, ``ema_every``, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.tasks.train.bundle import BundleTrainTask
+
+from lib.bundle_config import LABELS
+from lib.training_set import LabelledImage, prepare_training_set, refresh_ema_store
+
+__all__ = ["ScribbleTrainTask"]
+
+logger = logging.getLogger(__name__)
+
+#: Request keys passed to the bundle as top-level overrides, with their types.
+HYPER_PARAMETERS: dict[str, type] = {
+    "warmup_epochs": int,
+    "ema_every": int,
+    "ema_alpha": float,
+    "tau": float,
+    "lambda_up": float,
+    "learning_rate": float,
+    "batch_size": int,
+    "num_samples": int,
+    "num_workers": int,
+    "seed": int,
+    "in_channels": int,
+}
+
+
+class ScribbleTrainTask(BundleTrainTask):
+    """Train the Scribble2Label bundle on the datastore's scribble labels.
+
+    Args:
+        bundle: the bundle folder (weights go to ``<bundle>/models``).
+        conf: the app's ``--conf`` options.
+    """
+
+    def __init__(self, bundle: Path, conf: dict[str, str]) -> None:
+        super().__init__(str(bundle), conf, model_dict_key="model", load_strict=True)
+        self.work_dir = Path(bundle) / "runs" / "monailabel"
+        self._request: dict[str, Any] = {}
+        self._dataset: tuple[Path, bool] | None = None
+
+    def config(self) -> dict[str, Any]:
+        """Options shown by viewers: MONAI Label's, with the bundle's defaults for epochs and S2L's parameters."""
+        options = super().config()
+        for key in ("val_split", "multi_gpu", "gpus", "tracking", "tracking_uri", "tracking_experiment_name"):
+            options.pop(key, None)
+        options["max_epochs"] = int(self.bundle_config.get_parsed_content("max_epochs"))
+        for key in HYPER_PARAMETERS:
+            options[key] = self.bundle_config.get_parsed_content(key)
+        return options
+
+    def _fetch_datalist(self, request: dict[str, Any], datastore: Datastore) -> list[dict[str, Any]]:
+        """The bundle items (``image``, ``scribble``, ``id``) of every image with a saved scribble label."""
+        items = []
+        for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL.value):
+            items.append(
+                LabelledImage(
+                    id=image_id,
+                    image=datastore.get_image_uri(image_id),
+                    label=datastore.get_label_uri(image_id, DefaultLabelTag.FINAL.value),
+                    label_info=datastore.get_label_info(image_id, DefaultLabelTag.FINAL.value) or {},
+                )
+            )
+        logger.info(f"Images with a saved label: {[i.id for i in items]}")
+        datalist, training, volumes = prepare_training_set(items, self.work_dir / "dataset", LABELS)
+        self._dataset = (datalist, volumes)
+        num_classes = int(self.bundle_config.get_parsed_content("num_classes"))
+        refresh_ema_store(self.work_dir / "train" / "ema", training, num_classes)
+        return training
+
+    def _partition_datalist(self, datalist: list, request: dict[str, Any], shuffle: bool = False) -> tuple:
+        return datalist, None
+
+    def _load_checkpoint(self, model_pytorch: str, pretrained: bool, train_handlers: list) -> None:
+        if pretrained and os.path.exists(model_pytorch):
+            super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
+        else:
+            logger.info("Training from scratch (no previous model, or pretrained is off)")
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        self._request = dict(request)
+        if not self._request.get("max_epochs"):
+            self._request["max_epochs"] = int(self.bundle_config.get_parsed_content("max_epochs"))
+        if not self._request.get("run_id"):
+            self._request["run_id"] = "run"  # viewers send the option's empty default
+        return super().__call__(self._request, datastore)
+
+    def _update_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Point the bundle at the prepared dataset instead of MONAI Label's ``train#dataset#data``."""
+        if self._dataset is None:
+            raise RuntimeError("the training set was not prepared")
+        datalist, volumes = self._dataset
+        overrides.pop(self.const.key_train_dataset_data(), None)
+        overrides.pop(self.const.key_validate_dataset_data(), None)
+        overrides.update(
+            {
+                "dataset_dir": str(datalist.parent),
+                "datalist_name": datalist.name,
+                "output_dir": str(self.work_dir / "train"),
+                "ckpt_dir": str(Path(self.bundle_path) / "models"),
+                "max_epochs": int(self._request["max_epochs"]),
+                "slice_axis": 0 if volumes else None,
+            }
+        )
+        for key, cast in HYPER_PARAMETERS.items():
+            if self._request.get(key) is not None:
+                overrides[key] = cast(self._request[key])
+        logger.info(f"Bundle overrides: { {k: v for k, v in overrides.items() if k != 'train#handlers'} }")
+        return overrides
+
+
