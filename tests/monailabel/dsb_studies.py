@@ -17,7 +17,7 @@ from PIL import Image
 from s2l_monai.data.dsb2018 import assemble_labels, image_rng
 from s2l_monai.data.scribbles import auto_scribbles
 
-__all__ = ["TEST_IDS", "TRAIN_IDS", "ground_truth", "make_studies", "scribble_label_png"]
+__all__ = ["TEST_IDS", "TRAIN_IDS", "ground_truth", "iou", "make_studies", "scribble_label_png"]
 
 # The first 8 (training) and 2 further (held out) fluorescence images of size 256x256 in sorted id order of
 # stage1_train.zip (grey, mean < 100 as in s2l_monai.data.dsb2018.classify_modality). Fixed, so runs compare.
