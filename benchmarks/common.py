@@ -254,6 +254,14 @@ class RunResult:
     log_path: Path | None
 
 
+#: Set for every measured child unless the caller's environment already sets it. With torch's default OpenMP
+#: wait policy (spinning), a 2-core machine where anything else runs (a data-loader worker, another job) slowed
+#: an ensemble pass over 128 slices from 7 s to 104 s and two epochs of the default training from 16-22 s to 161 s;
+#: PASSIVE kept them at 7 s and 22 s (about 25% slower than spinning on an idle machine). Measured 2026-11-25,
+#: 2 cores; see README "Speed on small machines". Timings should not depend on what else happens to run.
+CHILD_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def run_measured(
     cmd: Sequence[str],
     cwd: str | Path,
@@ -268,13 +276,14 @@ def run_measured(
         cmd: the command (no shell).
         cwd: working directory.
         log_path: file for stdout and stderr together (appended; ``None``: inherit the console).
-        env: environment (default: this process's).
+        env: environment (default: this process's), always with ``OMP_WAIT_POLICY`` (see :data:`CHILD_ENV`).
         interval: RSS polling interval in seconds.
         echo: with ``log_path``, also copy the output to this process's stdout, line by line.
 
     Returns:
         A :class:`RunResult`.
     """
+    env = {**CHILD_ENV, **(os.environ if env is None else env)}
     log = None
     if log_path is not None:
         log_path = Path(log_path)

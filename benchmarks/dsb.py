@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -850,6 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine,
         "git_commit": common.git_commit(REPO_ROOT),
         "harness_command": harness_cmd,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", common.CHILD_ENV["OMP_WAIT_POLICY"]),
     }
     failed = []
     for i, run in enumerate(todo, 1):

@@ -453,7 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_runs is not None:
         todo = todo[: max(0, args.max_runs)]
     context = {"profile": "cpu" + ("+smoke" if args.smoke else ""), "machine": header["machine"],
-               "git_commit": common.git_commit(REPO_ROOT), "harness_command": harness_cmd}
+               "git_commit": common.git_commit(REPO_ROOT), "harness_command": harness_cmd,
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", common.CHILD_ENV["OMP_WAIT_POLICY"])}
     failed = []
     for i, run in enumerate(todo, 1):
         print(f"[em] ({i}/{len(todo)}) {run.run_id}", flush=True)
