@@ -94,10 +94,21 @@ class ScribbleTrainTask(BundleTrainTask):
         return datalist, None
 
     def _load_checkpoint(self, model_pytorch: str, pretrained: bool, train_handlers: list) -> None:
-        if pretrained and os.path.exists(model_pytorch):
-            super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
-        else:
+        """Start from the previous weights (BundleTrainTask's own version assumes every handler is a dict)."""
+        if not (pretrained and os.path.exists(model_pytorch)):
             logger.info("Training from scratch (no previous model, or pretrained is off)")
+            return
+        if any(isinstance(h, dict) and h.get("_target_") == "CheckpointLoader" for h in train_handlers):
+            return
+        loader = {
+            "_target_": "CheckpointLoader",
+            "load_path": model_pytorch,
+            "load_dict": {self.model_dict_key: "@network"},
+            "strict": self.load_strict,
+            "map_location": "@device",
+        }
+        train_handlers.insert(0, loader)
+        logger.info(f"Starting from the previous model: {model_pytorch}")
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         self._request = dict(request)

@@ -104,7 +104,7 @@ def test_scribbles_train_infer_against_real_server(dsb_zip: Path, server_factory
         assert status.get("status") == "DONE", json.dumps(status, indent=1)[-3000:] + server.tail()
         assert (bundle / "models" / "model.pt").is_file()
     log = server.log.read_text(errors="replace")
-    assert "Add Checkpoint Loader for Path" in log, "second run did not start from the first model"
+    assert "Starting from the previous model" in log, "second run did not start from the first model"
     ema_lines = [line for line in log.splitlines() if "EMA store" in line and "reused for" in line]
     assert len(ema_lines) == 2, ema_lines
     assert all(image_id in ema_lines[1] for image_id in TRAIN_IDS), ema_lines[1]  # images unchanged: all reused
