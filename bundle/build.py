@@ -33,6 +33,9 @@ BUNDLE_NAME = "scribble2label"
 PACKAGE = "s2l_monai"
 DEFAULT_REPO = "OWNER/REPO"
 MAX_FILE_BYTES = 25_000_000
+#: The released pretrained weights and their measured test metrics (see README.md, "The shipped weights").
+SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "model.pt"
+SHIPPED_METRICS = Path(__file__).resolve().parent / "models" / "metrics.json"
 CONFIG_FILES = ("train.json", "inference.json", "evaluate.json", "paper.json", "metadata.json", "logging.conf")
 SCHEMA_FILE = "schema/meta_schema.json"
 METRICS = (
@@ -239,13 +242,18 @@ def build(
 def main(argv: list[str] | None = None) -> int:
     """Command line: see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="weights to ship (state dict of network_def)")
+    parser.add_argument("--model", default=None,
+                        help=f"weights to ship (state dict of network_def); default: the shipped pretrained weights "
+                             f"{SHIPPED_MODEL.relative_to(REPO_ROOT)} with their measured metrics")
     parser.add_argument("--version", default=None, help="package version (default: configs/metadata.json)")
     parser.add_argument("--out", default="dist", help="output folder (default: dist)")
     parser.add_argument("--repo", default=DEFAULT_REPO, help=f"GitHub OWNER/REPO of the releases ({DEFAULT_REPO})")
     parser.add_argument("--metrics", default=None, help="metrics JSON for the README's performance table")
     parser.add_argument("--no-check", action="store_true", help="skip loading the weights into network_def")
     args = parser.parse_args(argv)
+    if args.model is None:
+        args.model = SHIPPED_MODEL
+        args.metrics = args.metrics or SHIPPED_METRICS
     path = build(args.model, args.version, args.out, args.repo, args.metrics, check=not args.no_check)
     with zipfile.ZipFile(path) as zf:
         largest = max(zf.infolist(), key=lambda i: i.file_size)

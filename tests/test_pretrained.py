@@ -52,3 +52,23 @@ def test_pretrained_weights_reproduce_stated_metrics(dsb_zip: Path, tmp_path: Pa
     assert measured["n_images"] == stated["n_images"] and measured["n_nuclei"] == stated["n_nuclei"]
     assert abs(measured["iou"] - stated["iou"]) <= IOU_TOLERANCE, (measured["iou"], stated["iou"])
     assert abs(measured["dsb"] - stated["dsb"]) <= 0.01, (measured["dsb"], stated["dsb"])
+
+
+def test_default_build_ships_the_pretrained_weights_and_their_metrics(tmp_path: Path):
+    """``python bundle/build.py`` without ``--model`` packages these weights, README and eval_metrics included."""
+    import hashlib
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "bundle/build.py", "--out", str(tmp_path)], cwd=REPO_ROOT, check=True,
+                   capture_output=True, timeout=300)
+    (package,) = tmp_path.glob("scribble2label_v*.zip")
+    stated = json.loads(METRICS.read_text())["metrics"]
+    with zipfile.ZipFile(package) as zf:
+        shipped = zf.read("scribble2label/models/model.pt")
+        readme = zf.read("scribble2label/docs/README.md").decode()
+        meta = json.loads(zf.read("scribble2label/configs/metadata.json"))
+    assert hashlib.sha256(shipped).digest() == hashlib.sha256(MODEL.read_bytes()).digest()
+    assert f"{stated['iou']:.4f}" in readme and f"{stated['dsb']:.4f}" in readme
+    assert meta["eval_metrics"]["iou"] == stated["iou"]
