@@ -716,7 +716,13 @@ def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> 
     ]
     lines += common.markdown_table(["target", "status", "measured"],
                                    [list(t) for t in check_targets(records)], align=["l", "l", "l"]).splitlines()
-    lines.append("")
+    lines += [
+        "",
+        "Where a target fails, `dsb_analysis.md` (written by `benchmarks/dsb_analysis.py` from the run folders) holds",
+        "the measured reasons: pixel precision/recall of each run's test masks and the accuracy of the pseudo-labels",
+        "in each Scribble2Label run's final EMA store against the full masks.",
+        "",
+    ]
     return "\n".join(lines)
 
 

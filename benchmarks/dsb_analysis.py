@@ -1,0 +1,180 @@
+"""Why a DSB run scored what it did: pixel errors of the test predictions and quality of the EMA pseudo-labels.
+
+Reads the run folders that ``benchmarks/dsb.py`` leaves in its work folder (``runs/<run>/eval_connected/predictions``
+and ``runs/<run>/train/ema``) together with the prepared data's FULL masks, and writes
+``benchmarks/results/dsb_analysis.md``:
+
+1. per run, on the test split: pooled pixel precision and recall of the semantic mask, the predicted foreground
+   area over the true one (> 1: over-segmentation), mean per-image IoU, and the same IoU on the 256x256 images
+   only (the small-nuclei images);
+2. per Scribble2Label / Pseudo-label run, on the training images: what the final EMA store would hand to the
+   unlabelled-pixel loss, i.e. the share of unscribbled pixels whose averaged probability passes tau (coverage),
+   the accuracy of those pseudo-labels against the full masks, split into foreground and background precision.
+
+The full masks are used here for diagnosis only; training never sees them (except in the Full baseline).
+
+Usage::
+
+    .venv/bin/python benchmarks/dsb_analysis.py --work /tmp/s2l_dsb [--modality fluorescence --ratio 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+try:
+    from benchmarks import common
+except ImportError:  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import common
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "dsb_analysis.md"
+SHORT = {"fluorescence": "fluo", "brightfield": "bf", "histopathology": "histo"}
+RUN_RE = re.compile(r"^dsb_(?P<mod>[a-z]+)_(?P<ratio>\d+|full)_(?P<method>[a-z0-9]+)_s(?P<seed>\d+)$")
+
+
+def _read(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path))
+
+
+def test_errors(pred_dir: Path, data_dir: Path, items: Sequence[dict[str, str]]) -> dict[str, float]:
+    """Pooled pixel precision/recall, area ratio and mean IoU of the semantic masks in ``pred_dir``."""
+    import numpy as np
+
+    tp = fp = fn = 0
+    ious, ious_256 = [], []
+    for item in items:
+        gt = _read(data_dir / item["label"]) > 0
+        pred = _read(pred_dir / f"{Path(item['image']).stem}_semantic.png") > 0
+        i, u = int((pred & gt).sum()), int((pred | gt).sum())
+        tp, fp, fn = tp + i, fp + int((pred & ~gt).sum()), fn + int((~pred & gt).sum())
+        ious.append(i / u if u else 1.0)
+        if gt.shape == (256, 256):
+            ious_256.append(ious[-1])
+    return {
+        "precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1), "area_ratio": (tp + fp) / max(tp + fn, 1),
+        "iou": float(np.mean(ious)), "iou_256": float(np.mean(ious_256)) if ious_256 else float("nan"),
+        "n_256": len(ious_256),
+    }
+
+
+def pseudo_label_quality(ema_dir: Path, data_dir: Path, items: Sequence[dict[str, str]], tau: float,
+                         unlabelled: int = 255) -> dict[str, float]:
+    """Coverage and accuracy (vs the full masks) of the pseudo-labels the final EMA store gives at ``tau``."""
+    from s2l_monai.data.datalist import item_id
+    from s2l_monai.ensemble import EMAStore
+
+    store = EMAStore(ema_dir)
+    unl_total = conf = correct = fg_conf = fg_ok = bg_conf = bg_ok = 0
+    for item in items:
+        prob = store.probabilities(item_id(item["image"]))
+        if prob is None:
+            continue
+        fg = prob[1]
+        gt = _read(data_dir / item["label"]) > 0
+        unl = _read(data_dir / item["scribble"]) == unlabelled
+        mask = unl & ((fg > tau) | (fg < 1 - tau))
+        pred = fg > 0.5
+        unl_total += int(unl.sum())
+        conf += int(mask.sum())
+        correct += int((pred[mask] == gt[mask]).sum())
+        fg_conf += int((mask & pred).sum())
+        fg_ok += int((mask & pred & gt).sum())
+        bg_conf += int((mask & ~pred).sum())
+        bg_ok += int((mask & ~pred & ~gt).sum())
+    return {"coverage": conf / max(unl_total, 1), "accuracy": correct / max(conf, 1),
+            "fg_precision": fg_ok / max(fg_conf, 1), "bg_precision": bg_ok / max(bg_conf, 1),
+            "fg_share": fg_conf / max(conf, 1)}
+
+
+def analyse(work: Path, modality: str, ratio: str) -> tuple[list[list[Any]], list[list[Any]]]:
+    """Rows of the two tables for the runs of ``modality`` at ``ratio`` (and that modality's Full runs)."""
+    data_dir = work / "data" / modality
+    datalist = json.loads((data_dir / f"datalist_{ratio}.json").read_text())
+    test_rows, ema_rows = [], []
+    runs = sorted(p for p in (work / "runs").glob(f"dsb_{SHORT[modality]}_*") if RUN_RE.match(p.name))
+    for run in runs:
+        m = RUN_RE.match(run.name)
+        if m["ratio"] not in (ratio, "full"):
+            continue
+        pred_dir = run / "eval_connected" / "predictions"
+        if not pred_dir.is_dir():
+            continue
+        label = f"{m['method']} (seed {m['seed']})"
+        e = test_errors(pred_dir, data_dir, datalist["test"])
+        test_rows.append([label, common.fmt(e["precision"], 3), common.fmt(e["recall"], 3),
+                          common.fmt(e["area_ratio"], 3), common.fmt(e["iou"], 3),
+                          f"{common.fmt(e['iou_256'], 3)} (n={e['n_256']})"])
+        meta_path = run / "train_meta.json"
+        overrides = json.loads(meta_path.read_text()).get("overrides", {}) if meta_path.is_file() else {}
+        ema_dir = run / "train" / "ema"
+        if m["method"] in ("s2l", "pseudo") and ema_dir.is_dir():
+            tau = float(overrides.get("tau", 0.8))
+            q = pseudo_label_quality(ema_dir, data_dir, datalist["training"], tau)
+            ema_rows.append([label, tau, common.fmt(q["coverage"], 3), common.fmt(q["accuracy"], 4),
+                             common.fmt(q["fg_precision"], 3), common.fmt(q["bg_precision"], 4),
+                             common.fmt(q["fg_share"], 3)])
+    return test_rows, ema_rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Analyse the runs and write the markdown report."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=Path("/tmp/s2l_dsb"), help="benchmarks/dsb.py's work folder")
+    p.add_argument("--modality", default="fluorescence", choices=sorted(SHORT))
+    p.add_argument("--ratio", default="30", help="scribble ratio tag of the runs (10, 30, 50, 100)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    if not (args.work / "runs").is_dir():
+        print(f"dsb_analysis.py: no runs under {args.work}; run benchmarks/dsb.py first", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    test_rows, ema_rows = analyse(args.work, args.modality, args.ratio)
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cmd = "python benchmarks/dsb_analysis.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    lines = [
+        f"# DSB benchmark analysis: {args.modality}, {args.ratio}% scribbles (and Full)",
+        "",
+        "Generated by `benchmarks/dsb_analysis.py` from the run folders of `benchmarks/dsb.py`; do not edit by hand.",
+        "",
+        f"- **Command:** `{cmd}`",
+        f"- **Machine:** {common.machine_line(common.machine_info())}",
+        f"- **Wall time:** {seconds:.1f} s; **peak RSS:** {peak_mb:.0f} MB; written {common.now_iso()}",
+        "",
+        "## Test split: pixel errors of the semantic masks (connected-component evaluation folder)",
+        "",
+        "Precision and recall pooled over all test pixels; area ratio = predicted foreground / true foreground",
+        "(above 1: the masks spill over the nuclei); IoU = mean per-image foreground IoU (the benchmark's IoU).",
+        "",
+        common.markdown_table(["run", "precision", "recall", "area ratio", "IoU", "IoU on 256x256 images"], test_rows),
+        "",
+        "## Training images: the pseudo-labels of the final EMA store, against the full masks",
+        "",
+        "Coverage = share of unscribbled pixels whose averaged foreground probability is above tau or below",
+        "1 - tau (the pixels the unlabelled-pixel loss uses); accuracy, foreground and background precision of",
+        "those pseudo-labels; fg share = share of them that say foreground.",
+        "",
+        common.markdown_table(["run", "tau", "coverage", "accuracy", "fg precision", "bg precision", "fg share"],
+                              ema_rows) if ema_rows else "No Scribble2Label or Pseudo-label run with an EMA store.",
+        "",
+    ]
+    common.write_text_atomic(args.out, "\n".join(lines))
+    print(f"[dsb_analysis] wrote {args.out} ({len(test_rows)} runs, {seconds:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
