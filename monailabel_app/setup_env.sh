@@ -14,8 +14,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 start=$(date +%s)
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q torch==2.13.0
-"$venv/bin/pip" install -q --no-deps monailabel==0.8.5
 "$venv/bin/pip" install -q -r monailabel_app/requirements.txt
+# Last and without dependencies: installed first, its metadata (sam2, torchvision, dicomweb-client[gcp]) makes pip's
+# resolver refuse the pinned set.
+"$venv/bin/pip" install -q --no-deps monailabel==0.8.5
 "$venv/bin/pip" install -q --no-deps -e .
 "$venv/bin/python" - <<'PY'
 import numpy, torch, monai, monailabel
