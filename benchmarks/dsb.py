@@ -588,6 +588,15 @@ def records_table(records: Sequence[dict[str, Any]]) -> str:
     return common.markdown_table(headers, rows, align=["l", "r", "l", "r"] + ["r"] * (len(headers) - 4))
 
 
+def record_notes(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines listing the ``note`` of every record that has one (empty when none has)."""
+    notes = [f"- {DATASET_LABELS.get(r.get('dataset'), r.get('dataset'))} "
+             f"{'full' if r.get('ratio') is None else format(float(r['ratio']), '.0%')} {r.get('method')} "
+             f"seed {common.DASH if r.get('seed') is None else r.get('seed')}: {r['note']}"
+             for r in records if r.get("note")]
+    return ["Notes on individual records:", "", *notes, ""] if notes else []
+
+
 def ran_on(machine: Any) -> str:
     """Short name of the machine a record was measured on: its GPU if it had one, else its core count."""
     if not isinstance(machine, dict):
@@ -711,6 +720,7 @@ def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> 
         "",
         records_table(records),
         "",
+        *record_notes(records),
         "## Targets (issue 3; DSB-Fluo test split, mean over seeds)",
         "",
     ]
