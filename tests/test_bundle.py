@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import default_network, run_bundle
+from s2l_testing import default_network, run_bundle
 
 from s2l_monai.data.synthetic import make_synthetic_dataset
 from s2l_monai.ensemble import EMAStore

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import default_network
 from ignite.engine import Engine
 from monai.data import MetaTensor
 from PIL import Image
+from s2l_testing import default_network
 
 from s2l_monai.cli import main
 from s2l_monai.data.synthetic import make_synthetic_dataset

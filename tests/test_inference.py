@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import default_network
 from monai.bundle import ConfigParser
 from monai.networks.nets import UNet
 from PIL import Image
+from s2l_testing import default_network
 from scipy import ndimage as ndi
 
 from s2l_monai.data.synthetic import synthetic_nuclei

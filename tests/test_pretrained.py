@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, run_bundle
+from s2l_testing import REPO_ROOT, run_bundle
 
 MODEL = REPO_ROOT / "bundle" / "models" / "model.pt"
 METRICS = REPO_ROOT / "bundle" / "models" / "metrics.json"

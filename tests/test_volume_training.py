@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_bundle
+from s2l_testing import run_bundle
 
 from s2l_monai.data.scribbles import auto_scribbles
 from s2l_monai.data.synthetic import synthetic_nuclei

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import default_network
 from monai.networks.nets import FlexibleUNet, UNet
 from PIL import Image
+from s2l_testing import default_network
 
 from s2l_monai.data.dsb2018 import classify_modality
 from s2l_monai.data.synthetic import synthetic_nuclei
