@@ -17,11 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from dsb_studies import TEST_IDS, TRAIN_IDS, ground_truth, iou, make_studies, scribble_label_png
 from PIL import Image
 from rest import Client
 
 MODEL = "scribble2label"
+MODEL_3D = "scribble2label_3d"
+#: A TIFF stack of the held-out images (grey), served next to the 2D images: the 3D task segments it slice by slice.
+STACK_ID = "heldout_stack"
 #: Scribble share of the automatic scribbles (the paper's 30%).
 SCRIBBLE_RATIO = 0.3
 #: Short schedule for 2 CPU cores: 8 patches of 128x128 per step, one image per step (8 steps per epoch).
@@ -56,6 +60,15 @@ def wait_training(client: Client, timeout: float = 1800.0) -> dict:
     raise TimeoutError(f"training still running after {timeout} s")
 
 
+def stack_of(zip_path: Path, image_ids: tuple[str, ...]) -> np.ndarray:
+    """``ZYX`` uint8 stack of the grey versions of the images (DSB fluorescence PNGs are grey in RGB(A))."""
+    import zipfile
+
+    with zipfile.ZipFile(zip_path) as z:
+        return np.stack([np.asarray(Image.open(io.BytesIO(z.read(f"{i}/images/{i}.png"))).convert("L"))
+                         for i in image_ids])
+
+
 def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
@@ -66,6 +79,7 @@ def png_bytes(array: np.ndarray) -> bytes:
 def test_scribbles_train_infer_against_real_server(dsb_zip: Path, server_factory, tmp_path: Path) -> None:
     studies, bundle = tmp_path / "studies", tmp_path / "bundle"
     make_studies(dsb_zip, studies)
+    tifffile.imwrite(studies / f"{STACK_ID}.tif", stack_of(dsb_zip, TEST_IDS), photometric="minisblack")
     server = server_factory(studies, bundle, tmp_path / "server.log")
     startup = server.wait_ready()
     client = Client(server.url)
@@ -123,5 +137,17 @@ def test_scribbles_train_infer_against_real_server(dsb_zip: Path, server_factory
         report[f"iou_{image_id[:8]}"] = round(scores[-1], 4)
     report["mean_iou"] = round(float(np.mean(scores)), 4)
     report["iou_floor"] = IOU_FLOOR
+
+    # --- the same held-out images as one TIFF stack, through the 3D task (slice by slice) ---
+    start = time.time()
+    r = client.infer(MODEL_3D, STACK_ID)
+    assert r.status == 200, r.text[:2000]
+    volume = tifffile.imread(io.BytesIO(r.body))
+    assert volume.shape == (len(TEST_IDS), 256, 256) and set(np.unique(volume)) <= {0, 1}, volume.shape
+    report["infer_stack_s"] = round(time.time() - start, 1)
+    for k, image_id in enumerate(TEST_IDS):
+        report[f"iou_stack_slice{k}"] = round(iou(volume[k], ground_truth(dsb_zip, image_id)), 4)
+        # same network and per-slice preprocessing as the 2D task: the slice scores match the 2D ones
+        assert abs(report[f"iou_stack_slice{k}"] - scores[k]) < 0.02, report
     print("\nMONAI Label integration:", json.dumps(report, indent=1))
     assert report["mean_iou"] >= IOU_FLOOR, report
