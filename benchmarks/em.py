@@ -393,6 +393,7 @@ def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> 
         "",
         dsb.records_table(records),
         "",
+        *dsb.record_notes(records),
         "## Targets (issue 4; test slices, mean over seeds)",
         "",
     ]
