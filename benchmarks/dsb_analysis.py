@@ -9,7 +9,9 @@ and ``runs/<run>/train/ema``) together with the prepared data's FULL masks, and 
    only (the small-nuclei images);
 2. per Scribble2Label / Pseudo-label run, on the training images: what the final EMA store would hand to the
    unlabelled-pixel loss, i.e. the share of unscribbled pixels whose averaged probability passes tau (coverage),
-   the accuracy of those pseudo-labels against the full masks, split into foreground and background precision.
+   the accuracy of those pseudo-labels against the full masks, split into foreground and background precision;
+3. per scribble ratio, on the training images: the share of scribbled pixels that are foreground against the
+   share of all pixels that are foreground in the full masks (the class prior the scribble losses see).
 
 The full masks are used here for diagnosis only; training never sees them (except in the Full baseline).
 
@@ -99,6 +101,30 @@ def pseudo_label_quality(ema_dir: Path, data_dir: Path, items: Sequence[dict[str
             "fg_share": fg_conf / max(conf, 1)}
 
 
+def scribble_balance(data_dir: Path, ratios: Sequence[str] = ("10", "30", "50", "100")) -> list[list[Any]]:
+    """Per ratio: scribbled pixels (fg, bg), fg share of them, scribbled share of all pixels, true fg share.
+
+    Counts over the training items of ``datalist_<ratio>.json`` (scribble values from its ``scribble_values``).
+    """
+    rows = []
+    for ratio in ratios:
+        path = data_dir / f"datalist_{ratio}.json"
+        if not path.is_file():
+            continue
+        datalist = json.loads(path.read_text())
+        values = datalist.get("scribble_values", {"background": 0, "foreground": 1})
+        fg = bg = total = fg_true = 0
+        for item in datalist["training"]:
+            s = _read(data_dir / item["scribble"])
+            fg += int((s == values["foreground"]).sum())
+            bg += int((s == values["background"]).sum())
+            total += s.size
+            fg_true += int((_read(data_dir / item["label"]) > 0).sum())
+        rows.append([f"{ratio}%", fg, bg, common.fmt(fg / max(fg + bg, 1), 3),
+                     common.fmt((fg + bg) / max(total, 1), 4), common.fmt(fg_true / max(total, 1), 3)])
+    return rows
+
+
 def analyse(work: Path, modality: str, ratio: str) -> tuple[list[list[Any]], list[list[Any]]]:
     """Rows of the two tables for the runs of ``modality`` at ``ratio`` (and that modality's Full runs)."""
     data_dir = work / "data" / modality
@@ -142,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     start = time.perf_counter()
     test_rows, ema_rows = analyse(args.work, args.modality, args.ratio)
+    balance_rows = scribble_balance(args.work / "data" / args.modality)
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cmd = "python benchmarks/dsb_analysis.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -169,6 +196,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         common.markdown_table(["run", "tau", "coverage", "accuracy", "fg precision", "bg precision", "fg share"],
                               ema_rows) if ema_rows else "No Scribble2Label or Pseudo-label run with an EMA store.",
+        "",
+        f"## Training images: class balance of the automatic scribbles ({args.modality})",
+        "",
+        "fg share = foreground pixels / scribbled pixels, the class prior that the scribbled-pixel loss sees;",
+        "true fg share = foreground pixels / all pixels in the full masks. Crops are also drawn half around",
+        "foreground and half around background scribbles (`RandCropByLabelClassesd`, equal ratios).",
+        "",
+        common.markdown_table(["ratio", "fg scribbled px", "bg scribbled px", "fg share", "scribbled share",
+                               "true fg share"], balance_rows) if balance_rows else "No datalists found.",
         "",
     ]
     common.write_text_atomic(args.out, "\n".join(lines))

@@ -213,3 +213,28 @@ def test_peak_rss_of_process_tree(tmp_path: Path) -> None:
     assert res.returncode == 0
     assert res.peak_rss_mb > 120  # parent and child summed
     assert res.seconds > 1.0
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+
+
+def test_scribble_balance_counts(tmp_path: Path) -> None:
+    """Hand-made 4x4 scribble / label pair: 3 fg and 5 bg scribbled pixels, 6 true foreground pixels of 16."""
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks import dsb_analysis
+
+    scribble = np.full((4, 4), 255, np.uint8)
+    scribble[0, :3] = 1
+    scribble[3, :] = 0
+    scribble[2, 0] = 0
+    label = np.zeros((4, 4), np.uint16)
+    label[0:2, 0:3] = 7
+    Image.fromarray(scribble).save(tmp_path / "s.png")
+    Image.fromarray(label).save(tmp_path / "l.png")
+    datalist = {"scribble_values": {"background": 0, "foreground": 1, "unlabelled": 255},
+                "training": [{"image": "i.png", "scribble": "s.png", "label": "l.png"}]}
+    (tmp_path / "datalist_30.json").write_text(json.dumps(datalist))
+    rows = dsb_analysis.scribble_balance(tmp_path)
+    assert rows == [["30%", 3, 5, common.fmt(3 / 8, 3), common.fmt(8 / 16, 4), common.fmt(6 / 16, 3)]]
