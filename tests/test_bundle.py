@@ -71,3 +71,19 @@ def test_resume_restores_ema_store_and_epoch(trained):
         np.testing.assert_array_equal(np.load(store.path(key)), value.numpy())
     resumed = torch.load(root / "models" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
     assert resumed["trainer"]["iteration"] == 3 * resumed["trainer"]["epoch_length"]
+
+
+def test_time_budget_stops_at_an_epoch_boundary_and_saves(trained):
+    """``--max_train_seconds``: a 500-epoch schedule stops in budget, with whole epochs and a final checkpoint."""
+    root, common, _ = trained
+    over = [a if a != str(root / "models") else str(root / "models_budget") for a in common]
+    over = [a if a != str(root / "out") else str(root / "out_budget") for a in over]
+    proc = _run(*over, "--max_epochs", "500", "--max_train_seconds", "6")
+    log = proc.stdout + proc.stderr
+    m = re.search(r"Time limit 6 s: stopping after epoch (\d+) of 500", log)
+    assert m, log[-3000:]
+    ckpt = torch.load(root / "models_budget" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
+    epochs = int(m.group(1))
+    assert 1 <= epochs < 500
+    assert ckpt["trainer"]["iteration"] == epochs * ckpt["trainer"]["epoch_length"]
+    assert (root / "models_budget" / "model.pt").is_file()
