@@ -335,9 +335,12 @@ def main_table(records: Sequence[dict[str, Any]]) -> str:
     for method in ("pce", "s2l", "full", "otsu"):
         recs = _select(records, method)
         train_s, _, _ = common.mean_std(r.get("train_seconds") for r in recs)
+        longest = max((float(r["train_seconds"]) for r in recs if r.get("train_seconds") is not None), default=None)
+        epochs = ", ".join(str(r["epochs"]) for r in recs if r.get("epochs") is not None) or common.DASH
         rows.append([METHOD_LABELS[method], dsb.ours_cell(recs), dsb.paper_cell(PAPER_EM.get(method)),
-                     common.fmt(train_s, 0)])
-    return common.markdown_table(["method", "ISBI 2012 ours, IoU [mDice]", "paper EM", "train s (mean)"], rows)
+                     common.fmt(train_s, 0), common.fmt(longest, 0), epochs])
+    return common.markdown_table(["method", "ISBI 2012 ours, IoU [mDice]", "paper EM", "train s (mean)",
+                                  "train s (max)", "epochs trained (per seed)"], rows)
 
 
 def check_targets(records: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -387,6 +390,9 @@ def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> 
         "IoU / mDice are means over the 5 test slices (connected-component instances, the paper's post-processing);",
         "mDice in brackets is the correct pooled one. `–`: no record yet. Paper: Lee & Jeong, MICCAI 2020, Table 1,",
         "EM column.",
+        f"CPU profile: up to {CPU_PROFILE['max_epochs']} epochs ({CPU_PROFILE['warmup_epochs']} of warm-up, an "
+        f"ensemble every {CPU_PROFILE['ema_every']}) within a {CPU_PROFILE['max_train_seconds']} s training budget",
+        "(`max_train_seconds`: the trainer stops at the last epoch that fits, so a slow host trains fewer epochs).",
         "",
         main_table(records),
         "",
