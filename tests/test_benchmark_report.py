@@ -238,3 +238,24 @@ def test_scribble_balance_counts(tmp_path: Path) -> None:
     (tmp_path / "datalist_30.json").write_text(json.dumps(datalist))
     rows = dsb_analysis.scribble_balance(tmp_path)
     assert rows == [["30%", 3, 5, common.fmt(3 / 8, 3), common.fmt(8 / 16, 4), common.fmt(6 / 16, 3)]]
+
+
+def test_em_pseudo_label_quality_by_hand() -> None:
+    """4 unlabelled pixels: 3 confident (2 fg, 1 bg), 1 fg wrong; 1 not confident; 1 scribbled (ignored)."""
+    import numpy as np
+
+    from benchmarks import em_analysis
+
+    prob = np.array([[[0.9, 0.95, 0.1, 0.5, 0.99]]])  # DHW = 1x1x5
+    gt = np.array([[[True, False, False, True, True]]])
+    unl = np.array([[[True, True, True, True, False]]])
+    q = em_analysis.pseudo_label_quality(prob, gt, unl, tau=0.8)
+    assert q["coverage"] == pytest.approx(3 / 4)
+    assert q["accuracy"] == pytest.approx(2 / 3)
+    assert q["fg_precision"] == pytest.approx(1 / 2)
+    assert q["bg_precision"] == pytest.approx(1.0)
+    assert q["fg_share"] == pytest.approx(2 / 3)
+    e = em_analysis.test_errors(prob > 0.5, gt)
+    # pred = [T, T, F, F, T], gt = [T, F, F, T, T]: tp 2, fp 1, fn 1
+    assert (e["precision"], e["recall"], e["area_ratio"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3), 1.0)
+    assert e["iou"] == pytest.approx(2 / 4)
