@@ -409,7 +409,8 @@ def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> 
     ]
     lines += common.markdown_table(["target", "status", "measured"], [list(t) for t in check_targets(records)],
                                    align=["l", "l", "l"]).splitlines()
-    lines.append("")
+    lines += ["", "Why a target falls short is measured in `em_analysis.md` (`benchmarks/em_analysis.py`: pixel",
+              "errors on the test slices, accuracy of the EMA pseudo-labels against the full labels).", ""]
     return "\n".join(lines)
 
 
