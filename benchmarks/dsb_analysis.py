@@ -18,6 +18,7 @@ The full masks are used here for diagnosis only; training never sees them (excep
 Usage::
 
     .venv/bin/python benchmarks/dsb_analysis.py --work /tmp/s2l_dsb [--modality fluorescence --ratio 30]
+    .venv/bin/python benchmarks/dsb_analysis.py --work /tmp/s2l_dsb --modality brightfield   # -> ..._brightfield_30.md
 """
 
 from __future__ import annotations
@@ -161,8 +162,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/s2l_dsb"), help="benchmarks/dsb.py's work folder")
     p.add_argument("--modality", default="fluorescence", choices=sorted(SHORT))
     p.add_argument("--ratio", default="30", help="scribble ratio tag of the runs (10, 30, 50, 100)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=None,
+                   help="report (default results/dsb_analysis.md for fluorescence at 30%%, else "
+                        "results/dsb_analysis_<modality>_<ratio>.md)")
     args = p.parse_args(argv)
+    if args.out is None:
+        default = args.modality == "fluorescence" and args.ratio == "30"
+        args.out = DEFAULT_OUT if default else DEFAULT_OUT.with_name(f"dsb_analysis_{args.modality}_{args.ratio}.md")
     if not (args.work / "runs").is_dir():
         print(f"dsb_analysis.py: no runs under {args.work}; run benchmarks/dsb.py first", file=sys.stderr)
         return 2
