@@ -728,9 +728,10 @@ def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> 
                                    [list(t) for t in check_targets(records)], align=["l", "l", "l"]).splitlines()
     lines += [
         "",
-        "Where a target fails, `dsb_analysis.md` (written by `benchmarks/dsb_analysis.py` from the run folders) holds",
-        "the measured reasons: pixel precision/recall of each run's test masks and the accuracy of the pseudo-labels",
-        "in each Scribble2Label run's final EMA store against the full masks.",
+        "Where a target fails, `dsb_analysis.md` (DSB-Fluo) and `dsb_analysis_<modality>_30.md` (written by",
+        "`benchmarks/dsb_analysis.py` from the run folders) hold the measured reasons: pixel precision/recall and",
+        "foreground area ratio of each run's test masks, the accuracy of the pseudo-labels in each Scribble2Label",
+        "run's final EMA store against the full masks, and the class balance of the automatic scribbles.",
         "",
     ]
     return "\n".join(lines)
