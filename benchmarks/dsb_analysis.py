@@ -29,6 +29,7 @@ import re
 import resource
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,32 @@ def test_errors(pred_dir: Path, data_dir: Path, items: Sequence[dict[str, str]])
     }
 
 
+def pseudo_label_counts(fg_prob: Any, gt: Any, unlabelled: Any, tau: float) -> Counter:
+    """Pixel counts behind :func:`pseudo_label_rates` for one image or volume (arrays of one shape).
+
+    Args:
+        fg_prob: averaged foreground probability (float).
+        gt: full foreground mask (bool).
+        unlabelled: unscribbled pixels (bool).
+        tau: consistency threshold (paper Eq. 3): a pseudo-label exists where ``p > tau`` or ``p < 1 - tau``.
+    """
+    mask = unlabelled & ((fg_prob > tau) | (fg_prob < 1 - tau))
+    pred = fg_prob > 0.5
+    return Counter({
+        "unlabelled": int(unlabelled.sum()), "confident": int(mask.sum()),
+        "correct": int((pred[mask] == gt[mask]).sum()),
+        "fg": int((mask & pred).sum()), "fg_ok": int((mask & pred & gt).sum()),
+        "bg": int((mask & ~pred).sum()), "bg_ok": int((mask & ~pred & ~gt).sum()),
+    })
+
+
+def pseudo_label_rates(c: Counter) -> dict[str, float]:
+    """Coverage, accuracy, foreground / background precision and foreground share from summed counts."""
+    return {"coverage": c["confident"] / max(c["unlabelled"], 1), "accuracy": c["correct"] / max(c["confident"], 1),
+            "fg_precision": c["fg_ok"] / max(c["fg"], 1), "bg_precision": c["bg_ok"] / max(c["bg"], 1),
+            "fg_share": c["fg"] / max(c["confident"], 1)}
+
+
 def pseudo_label_quality(ema_dir: Path, data_dir: Path, items: Sequence[dict[str, str]], tau: float,
                          unlabelled: int = 255) -> dict[str, float]:
     """Coverage and accuracy (vs the full masks) of the pseudo-labels the final EMA store gives at ``tau``."""
@@ -80,26 +107,14 @@ def pseudo_label_quality(ema_dir: Path, data_dir: Path, items: Sequence[dict[str
     from s2l_monai.ensemble import EMAStore
 
     store = EMAStore(ema_dir)
-    unl_total = conf = correct = fg_conf = fg_ok = bg_conf = bg_ok = 0
+    total: Counter = Counter()
     for item in items:
         prob = store.probabilities(item_id(item["image"]))
-        if prob is None:
-            continue
-        fg = prob[1]
-        gt = _read(data_dir / item["label"]) > 0
-        unl = _read(data_dir / item["scribble"]) == unlabelled
-        mask = unl & ((fg > tau) | (fg < 1 - tau))
-        pred = fg > 0.5
-        unl_total += int(unl.sum())
-        conf += int(mask.sum())
-        correct += int((pred[mask] == gt[mask]).sum())
-        fg_conf += int((mask & pred).sum())
-        fg_ok += int((mask & pred & gt).sum())
-        bg_conf += int((mask & ~pred).sum())
-        bg_ok += int((mask & ~pred & ~gt).sum())
-    return {"coverage": conf / max(unl_total, 1), "accuracy": correct / max(conf, 1),
-            "fg_precision": fg_ok / max(fg_conf, 1), "bg_precision": bg_ok / max(bg_conf, 1),
-            "fg_share": fg_conf / max(conf, 1)}
+        if prob is not None:
+            gt = _read(data_dir / item["label"]) > 0
+            unl = _read(data_dir / item["scribble"]) == unlabelled
+            total += pseudo_label_counts(prob[1], gt, unl, tau)
+    return pseudo_label_rates(total)
 
 
 def scribble_balance(data_dir: Path, ratios: Sequence[str] = ("10", "30", "50", "100")) -> list[list[Any]]:

@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from benchmarks import common
+    from benchmarks import common, dsb_analysis
 except ImportError:  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks import common
+    from benchmarks import common, dsb_analysis
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "em_analysis.md"
@@ -70,15 +70,7 @@ def pseudo_label_quality(fg_prob: Any, gt: Any, unlabelled: Any, tau: float) -> 
         unlabelled: unscribbled pixels, ``DHW`` bool.
         tau: consistency threshold (paper Eq. 3).
     """
-    mask = unlabelled & ((fg_prob > tau) | (fg_prob < 1 - tau))
-    pred = fg_prob > 0.5
-    conf = int(mask.sum())
-    fg_conf, bg_conf = int((mask & pred).sum()), int((mask & ~pred).sum())
-    return {"coverage": conf / max(int(unlabelled.sum()), 1),
-            "accuracy": int((pred[mask] == gt[mask]).sum()) / max(conf, 1),
-            "fg_precision": int((mask & pred & gt).sum()) / max(fg_conf, 1),
-            "bg_precision": int((mask & ~pred & ~gt).sum()) / max(bg_conf, 1),
-            "fg_share": fg_conf / max(conf, 1)}
+    return dsb_analysis.pseudo_label_rates(dsb_analysis.pseudo_label_counts(fg_prob, gt, unlabelled, tau))
 
 
 def analyse(work: Path) -> tuple[list[list[Any]], list[list[Any]], list[list[Any]]]:
