@@ -6,6 +6,8 @@ Consistency", MICCAI 2020, eq. (1)-(3).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from monai.utils import LossReduction
@@ -34,9 +36,18 @@ class ScribbleLoss(_Loss):
     After each call, :attr:`terms` holds the detached values ``loss_sp``, ``loss_up`` and ``omega_g`` (the share
     of unscribbled pixels in ``Omega_g``), for logging.
 
+    Class weights (an extension, not in the paper; default off): scribbles are not a random sample of the
+    pixels. Skeleton-like strokes put far more of their pixels on the foreground than the image holds (automatic
+    DSB2018 scribbles: 36% foreground against 14% of the pixels), so an unweighted ``L_sp`` learns a foreground
+    prior that is too high and the network over-segments. ``class_weights`` turns ``L_sp`` into the weighted mean
+    ``sum_j w_{s_j} CE_j / sum_j w_{s_j}`` (the convention of ``torch.nn.CrossEntropyLoss(weight=...)``), so
+    e.g. ``[3, 1]`` counts a background scribble pixel three times. ``L_up`` is left unweighted: the pseudo-labels
+    cover most unscribbled pixels and so already carry the image's own class balance.
+
     Args:
         tau: consistency threshold of eq. (2) (paper: 0.8; 0.95 for MoNuSeg).
         lambda_up: weight of ``L_up`` (paper: 0.5).
+        class_weights: one weight per class for the scribbled pixels in ``L_sp``; ``None`` (the paper) = all 1.
         unlabelled: scribble value of unlabelled pixels (ignored by ``L_sp``).
         pseudo_label_enabled: whether ``L_up`` is added to the loss.
         reduction: only ``"mean"``: both terms are means over their pixel sets, as in the paper.
@@ -46,6 +57,7 @@ class ScribbleLoss(_Loss):
         self,
         tau: float = 0.8,
         lambda_up: float = 0.5,
+        class_weights: Sequence[float] | None = None,
         unlabelled: int = 255,
         pseudo_label_enabled: bool = True,
         reduction: LossReduction | str = LossReduction.MEAN,
@@ -57,6 +69,11 @@ class ScribbleLoss(_Loss):
             raise ValueError(f"tau must be in [0, 1), got {tau}.")
         if lambda_up < 0:
             raise ValueError(f"lambda_up must be >= 0, got {lambda_up}.")
+        if class_weights is not None:
+            class_weights = [float(w) for w in class_weights]
+            if not class_weights or min(class_weights) < 0 or max(class_weights) <= 0:
+                raise ValueError(f"class_weights must be >= 0 with at least one > 0, got {class_weights}.")
+        self.class_weights = class_weights
         self.tau = float(tau)
         self.lambda_up = float(lambda_up)
         self.unlabelled = int(unlabelled)
@@ -98,8 +115,14 @@ class ScribbleLoss(_Loss):
                 f"found {int(scribble[labelled].max())}."
             )
         log_prob = F.log_softmax(input.float(), dim=1)
-        # eq. (1): cross-entropy on the scribbled pixels only
-        loss_sp = self._masked_nll(log_prob, scribble, labelled)
+        # eq. (1): cross-entropy on the scribbled pixels only (optionally class-weighted, see the class docstring)
+        weight = None
+        if self.class_weights is not None:
+            if len(self.class_weights) != num_classes:
+                raise ValueError(f"class_weights has {len(self.class_weights)} entries for {num_classes} classes.")
+            table = torch.tensor(self.class_weights, dtype=log_prob.dtype, device=log_prob.device)
+            weight = table[torch.where(labelled, scribble, torch.zeros_like(scribble))]
+        loss_sp = self._masked_nll(log_prob, scribble, labelled, weight)
 
         loss_up = log_prob.sum() * 0.0
         omega_g_share = 0.0
@@ -118,11 +141,24 @@ class ScribbleLoss(_Loss):
         return loss
 
     @staticmethod
-    def _masked_nll(log_prob: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean negative log-likelihood of ``classes`` over the pixels in ``mask``; 0 (with a graph) if empty."""
-        count = mask.sum()
-        if count == 0:
+    def _masked_nll(
+        log_prob: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(Weighted) mean negative log-likelihood of ``classes`` over the pixels in ``mask``.
+
+        Args:
+            log_prob: log-probabilities ``BCHW``.
+            classes: class index per pixel ``BHW``.
+            mask: pixels taken into the mean ``BHW``.
+            weight: optional weight per pixel ``BHW``; the mean is then ``sum(w * nll) / sum(w)``.
+
+        Returns:
+            the scalar mean; 0 (with a graph) if ``mask`` (or its total weight) is empty.
+        """
+        w = mask.to(log_prob.dtype) if weight is None else weight * mask
+        total = w.sum()
+        if total == 0:
             return log_prob.sum() * 0.0
         safe = torch.where(mask, classes, torch.zeros_like(classes))
         nll = -log_prob.gather(1, safe.unsqueeze(1)).squeeze(1)
-        return (nll * mask).sum() / count
+        return (nll * w).sum() / total

@@ -103,3 +103,38 @@ def test_bad_inputs_raise():
         ScribbleLoss(tau=1.5)
     with pytest.raises(ValueError, match="mean"):
         ScribbleLoss(reduction="sum")
+
+
+def test_class_weights_weight_the_scribbled_term_only():
+    logits = _logits()
+    scribble = torch.tensor([[[[1, U, 0]]]], dtype=torch.float32)
+    fg = torch.tensor([0.95, 0.9, 0.3])
+    pseudo = torch.stack([1 - fg, fg]).view(1, 2, 1, 3)
+    fn = ScribbleLoss(tau=0.8, lambda_up=0.5, class_weights=[3.0, 1.0])
+    loss = fn(logits, scribble, pseudo)
+    # weighted mean over the scribbled pixels: foreground pixel 0 weight 1, background pixel 2 weight 3
+    l_sp = (1 * -math.log(_sig(1.0)) + 3 * -math.log(1.0 - _sig(-1.0))) / 4
+    l_up = -math.log(_sig(2.0))  # unweighted: the pseudo-labelled foreground pixel 1
+    assert fn.terms["loss_sp"] == pytest.approx(l_sp, rel=1e-6)
+    assert fn.terms["loss_up"] == pytest.approx(l_up, rel=1e-6)
+    assert loss.item() == pytest.approx(l_sp + 0.5 * l_up, rel=1e-6)
+    # equal weights are the unweighted paper loss; torch's weighted cross-entropy agrees on the scribbled pixels
+    plain = ScribbleLoss(class_weights=[2.0, 2.0])(_logits(), scribble)
+    assert plain.item() == pytest.approx(ScribbleLoss()(_logits(), scribble).item(), rel=1e-6)
+    ref = torch.nn.functional.cross_entropy(
+        _logits(), torch.tensor([[[1, -100, 0]]]), weight=torch.tensor([3.0, 1.0]), ignore_index=-100
+    )
+    assert ScribbleLoss(class_weights=[3.0, 1.0])(_logits(), scribble).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_class_weights_are_checked():
+    with pytest.raises(ValueError, match="class_weights"):
+        ScribbleLoss(class_weights=[-1.0, 1.0])
+    with pytest.raises(ValueError, match="class_weights"):
+        ScribbleLoss(class_weights=[0.0, 0.0])
+    with pytest.raises(ValueError, match="3 entries for 2 classes"):
+        ScribbleLoss(class_weights=[1.0, 1.0, 1.0])(_logits(), torch.zeros(1, 1, 1, 3))
+    # a zero weight drops that class: only the foreground pixel counts
+    scribble = torch.tensor([[[[1, U, 0]]]], dtype=torch.float32)
+    only_fg = ScribbleLoss(class_weights=[0.0, 1.0])(_logits(), scribble)
+    assert only_fg.item() == pytest.approx(-math.log(_sig(1.0)), rel=1e-6)

@@ -126,3 +126,33 @@ def test_ensure_image_channels(channels_in, channels_out):
     if channels_in in (3, 4) and channels_out == 1:
         expected = 0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]
         torch.testing.assert_close(out[0], expected)
+
+
+@pytest.mark.parametrize("ratios, expected", [([0, 1], 1.0), ([1, 0], 0.0)])
+def test_crop_ratios_key_picks_the_class_under_each_patch_centre(ratios, expected):
+    """``crop_ratios`` in train.json reaches MONAI's RandCropByLabelClassesd: [0, 1] centres every patch on a
+    foreground scribble, [1, 0] on a background one; and ``class_weights`` reaches the loss."""
+    from monai.transforms import RandCropByLabelClassesd
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIG))
+    parser["crop_ratios"] = ratios
+    parser["num_samples"] = 16
+    parser["roi_size"] = [9, 9]  # odd, so the patch centre is one pixel
+    parser["class_weights"] = [3.0, 1.0]
+    assert parser.get_parsed_content("loss").class_weights == [3.0, 1.0]
+    crop = next(t for t in parser.get_parsed_content("train#augmentation") if isinstance(t, RandCropByLabelClassesd))
+    crop.set_random_state(0)
+    rows, cols = np.indices(SHAPE)
+    # scribbles: a foreground stroke and a background stroke, the rest unlabelled; the image holds coordinates
+    scribble = np.full(SHAPE, 255, np.float32)
+    scribble[20, 10:60] = 1
+    scribble[70, 10:60] = 0
+    data = {"image": torch.as_tensor(np.stack([rows, cols]).astype(np.float32)),
+            "scribble": torch.as_tensor(scribble[None]), "pseudo": torch.zeros(2, *SHAPE)}
+    patches = crop(data)
+    assert len(patches) == 16
+    centres = [(int(p["image"][0, 4, 4]), int(p["image"][1, 4, 4])) for p in patches]
+    on_fg = [scribble[r, c] == 1 for r, c in centres]
+    assert all(scribble[r, c] != 255 for r, c in centres)
+    assert float(np.mean(on_fg)) == expected
