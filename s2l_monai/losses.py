@@ -41,13 +41,14 @@ class ScribbleLoss(_Loss):
     DSB2018 scribbles: 36% foreground against 14% of the pixels), so an unweighted ``L_sp`` learns a foreground
     prior that is too high and the network over-segments. ``class_weights`` turns ``L_sp`` into the weighted mean
     ``sum_j w_{s_j} CE_j / sum_j w_{s_j}`` (the convention of ``torch.nn.CrossEntropyLoss(weight=...)``), so
-    e.g. ``[3, 1]`` counts a background scribble pixel three times. ``L_up`` is left unweighted: the pseudo-labels
-    cover most unscribbled pixels and so already carry the image's own class balance.
+    e.g. ``[3, 1]`` counts a background scribble pixel three times. ``pseudo_class_weights`` does the same for
+    ``L_up`` (weights by the pseudo-label's class); left ``None``, ``L_up`` is the paper's plain mean.
 
     Args:
         tau: consistency threshold of eq. (2) (paper: 0.8; 0.95 for MoNuSeg).
         lambda_up: weight of ``L_up`` (paper: 0.5).
         class_weights: one weight per class for the scribbled pixels in ``L_sp``; ``None`` (the paper) = all 1.
+        pseudo_class_weights: one weight per class for the pseudo-labelled pixels in ``L_up``; ``None`` = all 1.
         unlabelled: scribble value of unlabelled pixels (ignored by ``L_sp``).
         pseudo_label_enabled: whether ``L_up`` is added to the loss.
         reduction: only ``"mean"``: both terms are means over their pixel sets, as in the paper.
@@ -58,6 +59,7 @@ class ScribbleLoss(_Loss):
         tau: float = 0.8,
         lambda_up: float = 0.5,
         class_weights: Sequence[float] | None = None,
+        pseudo_class_weights: Sequence[float] | None = None,
         unlabelled: int = 255,
         pseudo_label_enabled: bool = True,
         reduction: LossReduction | str = LossReduction.MEAN,
@@ -69,11 +71,8 @@ class ScribbleLoss(_Loss):
             raise ValueError(f"tau must be in [0, 1), got {tau}.")
         if lambda_up < 0:
             raise ValueError(f"lambda_up must be >= 0, got {lambda_up}.")
-        if class_weights is not None:
-            class_weights = [float(w) for w in class_weights]
-            if not class_weights or min(class_weights) < 0 or max(class_weights) <= 0:
-                raise ValueError(f"class_weights must be >= 0 with at least one > 0, got {class_weights}.")
-        self.class_weights = class_weights
+        self.class_weights = self._check_weights("class_weights", class_weights)
+        self.pseudo_class_weights = self._check_weights("pseudo_class_weights", pseudo_class_weights)
         self.tau = float(tau)
         self.lambda_up = float(lambda_up)
         self.unlabelled = int(unlabelled)
@@ -116,12 +115,7 @@ class ScribbleLoss(_Loss):
             )
         log_prob = F.log_softmax(input.float(), dim=1)
         # eq. (1): cross-entropy on the scribbled pixels only (optionally class-weighted, see the class docstring)
-        weight = None
-        if self.class_weights is not None:
-            if len(self.class_weights) != num_classes:
-                raise ValueError(f"class_weights has {len(self.class_weights)} entries for {num_classes} classes.")
-            table = torch.tensor(self.class_weights, dtype=log_prob.dtype, device=log_prob.device)
-            weight = table[torch.where(labelled, scribble, torch.zeros_like(scribble))]
+        weight = self._pixel_weights("class_weights", self.class_weights, log_prob, scribble, labelled)
         loss_sp = self._masked_nll(log_prob, scribble, labelled, weight)
 
         loss_up = log_prob.sum() * 0.0
@@ -132,13 +126,35 @@ class ScribbleLoss(_Loss):
             confidence, hard = pseudo.float().max(dim=1)
             omega_g = (confidence > self.tau) & ~labelled
             # eq. (2): cross-entropy against the consistent pseudo-labels
-            loss_up = self._masked_nll(log_prob, hard, omega_g)
+            weight = self._pixel_weights("pseudo_class_weights", self.pseudo_class_weights, log_prob, hard, omega_g)
+            loss_up = self._masked_nll(log_prob, hard, omega_g, weight)
             unlabelled_count = int((~labelled).sum())
             omega_g_share = float(omega_g.sum()) / unlabelled_count if unlabelled_count else 0.0
 
         loss = loss_sp + self.lambda_up * loss_up if self.pseudo_label_enabled else loss_sp
         self.terms = {"loss_sp": float(loss_sp.detach()), "loss_up": float(loss_up.detach()), "omega_g": omega_g_share}
         return loss
+
+    @staticmethod
+    def _check_weights(name: str, weights: Sequence[float] | None) -> list[float] | None:
+        if weights is None:
+            return None
+        weights = [float(w) for w in weights]
+        if not weights or min(weights) < 0 or max(weights) <= 0:
+            raise ValueError(f"{name} must be >= 0 with at least one > 0, got {weights}.")
+        return weights
+
+    @staticmethod
+    def _pixel_weights(
+        name: str, weights: list[float] | None, log_prob: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Weight per pixel ``BHW`` looked up from ``weights`` by ``classes`` (0 outside ``mask``); None if off."""
+        if weights is None:
+            return None
+        if len(weights) != log_prob.shape[1]:
+            raise ValueError(f"{name} has {len(weights)} entries for {log_prob.shape[1]} classes.")
+        table = torch.tensor(weights, dtype=log_prob.dtype, device=log_prob.device)
+        return table[torch.where(mask, classes, torch.zeros_like(classes))]
 
     @staticmethod
     def _masked_nll(

@@ -138,3 +138,20 @@ def test_class_weights_are_checked():
     scribble = torch.tensor([[[[1, U, 0]]]], dtype=torch.float32)
     only_fg = ScribbleLoss(class_weights=[0.0, 1.0])(_logits(), scribble)
     assert only_fg.item() == pytest.approx(-math.log(_sig(1.0)), rel=1e-6)
+
+
+def test_pseudo_class_weights_weight_the_pseudo_label_term():
+    scribble = torch.tensor([[[[1, U, U, U]]]], dtype=torch.float32)
+    logits = torch.tensor([[[[0.0, 0.0, 0.0, 0.0]], [[1.0, 2.0, -1.0, 0.5]]]])
+    # pseudo-labels: pixel 1 foreground (0.9), pixel 2 background (0.95), pixel 3 below tau (0.6)
+    fg = torch.tensor([0.5, 0.9, 0.05, 0.6])
+    pseudo = torch.stack([1 - fg, fg]).view(1, 2, 1, 4)
+    fn = ScribbleLoss(tau=0.8, lambda_up=0.5, pseudo_class_weights=[4.0, 1.0])
+    loss = fn(logits, scribble, pseudo)
+    l_sp = -math.log(_sig(1.0))  # unweighted
+    l_up = (1 * -math.log(_sig(2.0)) + 4 * -math.log(1.0 - _sig(-1.0))) / 5
+    assert fn.terms["loss_up"] == pytest.approx(l_up, rel=1e-6)
+    assert loss.item() == pytest.approx(l_sp + 0.5 * l_up, rel=1e-6)
+    assert fn.terms["omega_g"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="pseudo_class_weights"):
+        ScribbleLoss(pseudo_class_weights=[0.0, 0.0])

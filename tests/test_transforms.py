@@ -131,7 +131,7 @@ def test_ensure_image_channels(channels_in, channels_out):
 @pytest.mark.parametrize("ratios, expected", [([0, 1], 1.0), ([1, 0], 0.0)])
 def test_crop_ratios_key_picks_the_class_under_each_patch_centre(ratios, expected):
     """``crop_ratios`` in train.json reaches MONAI's RandCropByLabelClassesd: [0, 1] centres every patch on a
-    foreground scribble, [1, 0] on a background one; and ``class_weights`` reaches the loss."""
+    foreground scribble, [1, 0] on a background one; and the class-weight keys reach the loss."""
     from monai.transforms import RandCropByLabelClassesd
 
     parser = ConfigParser()
@@ -140,7 +140,9 @@ def test_crop_ratios_key_picks_the_class_under_each_patch_centre(ratios, expecte
     parser["num_samples"] = 16
     parser["roi_size"] = [9, 9]  # odd, so the patch centre is one pixel
     parser["class_weights"] = [3.0, 1.0]
-    assert parser.get_parsed_content("loss").class_weights == [3.0, 1.0]
+    parser["pseudo_class_weights"] = [2.0, 1.0]
+    loss = parser.get_parsed_content("loss")
+    assert (loss.class_weights, loss.pseudo_class_weights) == ([3.0, 1.0], [2.0, 1.0])
     crop = next(t for t in parser.get_parsed_content("train#augmentation") if isinstance(t, RandCropByLabelClassesd))
     crop.set_random_state(0)
     rows, cols = np.indices(SHAPE)
