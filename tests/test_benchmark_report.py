@@ -127,6 +127,26 @@ def test_commands_are_overrides_of_train_json(tmp_path: Path) -> None:
     assert pseudo[pseudo.index("--num_samples") + 1] == str(dsb.CPU_MODALITY_OVERRIDES["brightfield"]["num_samples"])
     s2l = dsb.train_command(dsb.RunSpec("fluorescence", 0.1, "s2l", 0), "cpu", tmp_path, tmp_path / "r")
     assert "--lambda_up" not in s2l and "--ema_alpha" not in s2l
+    assert "--class_weights" not in s2l  # the cpu profile keeps the paper's unweighted loss
+
+
+def test_balanced_profile_weights_scribble_methods_not_full(tmp_path: Path) -> None:
+    import fire
+
+    def parsed(cmd: list[str], key: str):
+        # the value as python-fire (the MONAI bundle CLI) hands it to the config
+        return fire.Fire(lambda **kw: kw[key], command=[f"--{key}", cmd[cmd.index(f"--{key}") + 1]])
+
+    for method in ("s2l", "pce", "pseudo"):
+        cmd = dsb.train_command(dsb.RunSpec("fluorescence", 0.3, method, 0), "cpu-balanced", tmp_path, tmp_path / "r")
+        assert parsed(cmd, "class_weights") == [3.0, 1.0] and parsed(cmd, "pseudo_class_weights") == [3.0, 1.0]
+        assert cmd[cmd.index("--max_epochs") + 1] == "9"  # the cpu budget
+    full = dsb.train_command(dsb.RunSpec("fluorescence", None, "full", 0), "cpu-balanced", tmp_path, tmp_path / "r")
+    assert parsed(full, "class_weights") is None and parsed(full, "pseudo_class_weights") is None
+    # each profile trains in its own folder, so a balanced run never reuses an unweighted training
+    assert dsb.runs_dir(tmp_path, "cpu") == tmp_path / "runs"
+    assert dsb.runs_dir(tmp_path, "cpu-balanced") == tmp_path / "runs_cpu-balanced"
+    assert dsb.default_results("cpu-balanced", False, tmp_path).name == "dsb_cpu-balanced.json"
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -167,6 +187,12 @@ def test_write_report_next_to_json(tmp_path: Path) -> None:
     common.append_record(path, fake("dsb_fluo", 0.3, "s2l", 0, 0.86), dsb.KEY_FIELDS)
     md = dsb.write_report(path, {"command": "c", "machine": common.machine_info(False)})
     assert md == tmp_path / "dsb.md" and "0.8600" in md.read_text()
+    assert "Other profiles" not in md.read_text()
+    other = tmp_path / "dsb_cpu-balanced.json"
+    common.append_record(other, fake("dsb_fluo", 0.3, "s2l", 0, 0.7), dsb.KEY_FIELDS)
+    dsb.write_report(other, {"command": "c", "machine": common.machine_info(False)})
+    md = dsb.write_report(path, {"command": "c", "machine": common.machine_info(False)})
+    assert "- **Other profiles:** `dsb_cpu-balanced.md`" in md.read_text()
     assert dsb.main(["--report-only", "--results", str(path)]) == 0
 
 
