@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from benchmarks import common
+    from benchmarks import common, dsb
 except ImportError:  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks import common
+    from benchmarks import common, dsb
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "dsb_analysis.md"
@@ -118,35 +118,32 @@ def pseudo_label_quality(ema_dir: Path, data_dir: Path, items: Sequence[dict[str
 
 
 def scribble_balance(data_dir: Path, ratios: Sequence[str] = ("10", "30", "50", "100")) -> list[list[Any]]:
-    """Per ratio: scribbled pixels (fg, bg), fg share of them, scribbled share of all pixels, true fg share.
+    """Per ratio: scribbled pixels (fg, bg), fg share of them, scribbled share of all pixels, true fg share, and the
+    importance weights that correct the imbalance (:mod:`s2l_monai.data.balance`, also ``s2l balance``).
 
     Counts over the training items of ``datalist_<ratio>.json`` (scribble values from its ``scribble_values``).
     """
+    from s2l_monai.data.balance import scribble_class_balance, suggested_class_weights
+
     rows = []
     for ratio in ratios:
         path = data_dir / f"datalist_{ratio}.json"
         if not path.is_file():
             continue
-        datalist = json.loads(path.read_text())
-        values = datalist.get("scribble_values", {"background": 0, "foreground": 1})
-        fg = bg = total = fg_true = 0
-        for item in datalist["training"]:
-            s = _read(data_dir / item["scribble"])
-            fg += int((s == values["foreground"]).sum())
-            bg += int((s == values["background"]).sum())
-            total += s.size
-            fg_true += int((_read(data_dir / item["label"]) > 0).sum())
-        rows.append([f"{ratio}%", fg, bg, common.fmt(fg / max(fg + bg, 1), 3),
-                     common.fmt((fg + bg) / max(total, 1), 4), common.fmt(fg_true / max(total, 1), 3)])
+        c = scribble_class_balance(path)
+        weights = suggested_class_weights(c.scribble_foreground_share, c.label_foreground_share)
+        rows.append([f"{ratio}%", c.scribbled_foreground, c.scribbled_background,
+                     common.fmt(c.scribble_foreground_share, 3), common.fmt(c.scribbled_share, 4),
+                     common.fmt(c.label_foreground_share, 3), f"[{weights[0]:.2f}, 1]"])
     return rows
 
 
-def analyse(work: Path, modality: str, ratio: str) -> tuple[list[list[Any]], list[list[Any]]]:
+def analyse(work: Path, modality: str, ratio: str, profile: str = "cpu") -> tuple[list[list[Any]], list[list[Any]]]:
     """Rows of the two tables for the runs of ``modality`` at ``ratio`` (and that modality's Full runs)."""
     data_dir = work / "data" / modality
     datalist = json.loads((data_dir / f"datalist_{ratio}.json").read_text())
     test_rows, ema_rows = [], []
-    runs = sorted(p for p in (work / "runs").glob(f"dsb_{SHORT[modality]}_*") if RUN_RE.match(p.name))
+    runs = sorted(p for p in dsb.runs_dir(work, profile).glob(f"dsb_{SHORT[modality]}_*") if RUN_RE.match(p.name))
     for run in runs:
         m = RUN_RE.match(run.name)
         if m["ratio"] not in (ratio, "full"):
@@ -177,24 +174,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/s2l_dsb"), help="benchmarks/dsb.py's work folder")
     p.add_argument("--modality", default="fluorescence", choices=sorted(SHORT))
     p.add_argument("--ratio", default="30", help="scribble ratio tag of the runs (10, 30, 50, 100)")
+    p.add_argument("--profile", default="cpu", choices=sorted(dsb.PROFILES),
+                   help="benchmarks/dsb.py profile whose run folders to read (default cpu)")
     p.add_argument("--out", type=Path, default=None,
                    help="report (default results/dsb_analysis.md for fluorescence at 30%%, else "
                         "results/dsb_analysis_<modality>_<ratio>.md)")
     args = p.parse_args(argv)
     if args.out is None:
         default = args.modality == "fluorescence" and args.ratio == "30"
-        args.out = DEFAULT_OUT if default else DEFAULT_OUT.with_name(f"dsb_analysis_{args.modality}_{args.ratio}.md")
-    if not (args.work / "runs").is_dir():
+        name = "dsb_analysis" if default else f"dsb_analysis_{args.modality}_{args.ratio}"
+        args.out = DEFAULT_OUT.with_name(name + ("" if args.profile == "cpu" else f"_{args.profile}") + ".md")
+    if not dsb.runs_dir(args.work, args.profile).is_dir():
         print(f"dsb_analysis.py: no runs under {args.work}; run benchmarks/dsb.py first", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    test_rows, ema_rows = analyse(args.work, args.modality, args.ratio)
+    test_rows, ema_rows = analyse(args.work, args.modality, args.ratio, args.profile)
     balance_rows = scribble_balance(args.work / "data" / args.modality)
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cmd = "python benchmarks/dsb_analysis.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
-        f"# DSB benchmark analysis: {args.modality}, {args.ratio}% scribbles (and Full)",
+        f"# DSB benchmark analysis: {args.modality}, {args.ratio}% scribbles (and Full), profile `{args.profile}`",
         "",
         "Generated by `benchmarks/dsb_analysis.py` from the run folders of `benchmarks/dsb.py`; do not edit by hand.",
         "",
@@ -223,9 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fg share = foreground pixels / scribbled pixels, the class prior that the scribbled-pixel loss sees;",
         "true fg share = foreground pixels / all pixels in the full masks. Crops are also drawn half around",
         "foreground and half around background scribbles (`RandCropByLabelClassesd`, equal ratios).",
+        "class weights = the importance weights [background, foreground] that give the scribbled pixels the",
+        "images' class frequencies (odds ratio; `s2l balance` prints them for any datalist).",
         "",
         common.markdown_table(["ratio", "fg scribbled px", "bg scribbled px", "fg share", "scribbled share",
-                               "true fg share"], balance_rows) if balance_rows else "No datalists found.",
+                               "true fg share", "class weights"], balance_rows) if balance_rows else
+        "No datalists found.",
         "",
     ]
     common.write_text_atomic(args.out, "\n".join(lines))

@@ -181,6 +181,48 @@ def _cmd_otsu(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_balance(subparsers: Any) -> None:
+    """Register ``s2l balance``."""
+    balance = subparsers.add_parser(
+        "balance",
+        help="class balance of the scribbles and the class_weights that correct it",
+        description=(
+            "Count scribbled pixels per class over a datalist section and compare their foreground share with "
+            "the images' (from full masks where every item has one, or --foreground-fraction, your estimate). "
+            "Prints the class_weights override for configs/train.json that gives the scribbled pixels the images' "
+            "class frequencies (importance weights; see README, 'Class weights')."
+        ),
+    )
+    balance.add_argument("--datalist", required=True, help="datalist.json, or the dataset folder holding it")
+    balance.add_argument("--split", default="training", help="datalist section to count (default training)")
+    balance.add_argument(
+        "--foreground-fraction", type=float, default=None,
+        help="share of image pixels that are foreground, e.g. 0.15; overrides the full masks' share",
+    )
+    balance.set_defaults(func=_cmd_balance)
+
+
+def _cmd_balance(args: argparse.Namespace) -> int:
+    """Print :func:`s2l_monai.data.balance.scribble_class_balance` and the suggested weights."""
+    from s2l_monai.data.balance import scribble_class_balance, suggested_class_weights
+
+    counts = scribble_class_balance(args.datalist, split=args.split)
+    s = counts.scribble_foreground_share
+    print(f"{counts.items} items, {counts.pixels} pixels; scribbled: {counts.scribbled_foreground} foreground, "
+          f"{counts.scribbled_background} background ({100 * counts.scribbled_share:.2f}% of the pixels)")
+    print(f"foreground share of the scribbled pixels: {s:.3f}")
+    f, source = args.foreground_fraction, "--foreground-fraction"
+    if f is None:
+        f, source = counts.label_foreground_share, "full masks"
+    if f is None:
+        print("no full mask for every item: pass --foreground-fraction (your estimate) for suggested class_weights")
+        return 0
+    print(f"foreground share of the images ({source}): {f:.3f}")
+    weights = suggested_class_weights(s, f)
+    print(f"suggested: --class_weights \"{weights}\" --pseudo_class_weights \"{weights}\"")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``s2l`` argument parser with all commands registered."""
     parser = argparse.ArgumentParser(
@@ -193,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(commands)
     _add_evaluate(commands)
     _add_otsu(commands)
+    _add_balance(commands)
     return parser
 
 

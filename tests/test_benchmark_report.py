@@ -259,11 +259,17 @@ def test_scribble_balance_counts(tmp_path: Path) -> None:
     label[0:2, 0:3] = 7
     Image.fromarray(scribble).save(tmp_path / "s.png")
     Image.fromarray(label).save(tmp_path / "l.png")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "i.png")
     datalist = {"scribble_values": {"background": 0, "foreground": 1, "unlabelled": 255},
                 "training": [{"image": "i.png", "scribble": "s.png", "label": "l.png"}]}
     (tmp_path / "datalist_30.json").write_text(json.dumps(datalist))
     rows = dsb_analysis.scribble_balance(tmp_path)
-    assert rows == [["30%", 3, 5, common.fmt(3 / 8, 3), common.fmt(8 / 16, 4), common.fmt(6 / 16, 3)]]
+    # fg share 3/8 of the scribbles vs 6/16 of the pixels: already balanced, weights 1
+    assert rows == [["30%", 3, 5, common.fmt(3 / 8, 3), common.fmt(8 / 16, 4), common.fmt(6 / 16, 3), "[1.00, 1]"]]
+    label[0:2, 0:3] = 0
+    label[0, 0:2] = 7  # 2 of 16 foreground: odds 1/7 against the scribbles' 3/5 -> background weight 4.2
+    Image.fromarray(label).save(tmp_path / "l.png")
+    assert dsb_analysis.scribble_balance(tmp_path)[0][-1] == "[4.20, 1]"
 
 
 def test_em_pseudo_label_quality_by_hand() -> None:
