@@ -84,6 +84,15 @@ DEFAULT_PROFILE: dict[str, Any] = {}
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": CPU_PROFILE, "cpu-balanced": CPU_BALANCED_PROFILE, "default": DEFAULT_PROFILE, "paper": PAPER_PROFILE,
 }
+#: One line per profile for the report header.
+PROFILE_NOTES: dict[str, str] = {
+    "cpu": "the paper's loss (unweighted) on the 2-core budget (`CPU_PROFILE` in dsb.py)",
+    "cpu-balanced": "the `cpu` recipe plus `class_weights [3, 1]`, `pseudo_class_weights [3, 1]`, `warmup_epochs 6` for"
+                    " the scribble methods, chosen on the validation split (benchmarks/README.md, \"Class prior\");"
+                    " Full unweighted",
+    "default": "the bundle's defaults of configs/train.json",
+    "paper": "configs/train.json + configs/paper.json, the authors' recipe",
+}
 #: Profiles on the 2-core CPU budget (modality overrides apply, each training <= 10 minutes).
 CPU_PROFILES: tuple[str, ...] = ("cpu", "cpu-balanced")
 PROFILE_CONFIGS: dict[str, list[str]] = {
@@ -713,6 +722,7 @@ def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> 
         "- **Command(s):** " + ("; ".join(f"`{c}`" for c in commands) if commands else common.DASH),
         "- **Machine(s):** " + ("; ".join(machines) if machines else common.DASH),
         f"- **Profile(s):** {', '.join(profiles) if profiles else common.DASH}",
+        *[f"  - `{p}`: {PROFILE_NOTES[p]}" for p in profiles if p in PROFILE_NOTES],
         f"- **Runs:** {n_done} of {len(plan)} planned have a record ({len(records)} records in all)",
         f"- **Total wall time** (training + both evaluations, summed over records): {total / 3600:.2f} h",
         f"- **Peak memory** (largest peak RSS of a process tree, MB): {common.fmt(max(peaks) if peaks else None, 0)}",
