@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 
 from s2l_monai.data.datalist import DATALIST_NAME
-from s2l_monai.data.folder import read_array
+from s2l_monai.data.folder import DEFAULT_VALUES, read_array
 
 __all__ = ["ClassBalance", "scribble_class_balance", "suggested_class_weights"]
 
-_DEFAULT_VALUES = {"background": 0, "foreground": 1, "unlabelled": 255}
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ def scribble_class_balance(
     datalist_path = path if path.is_file() else path / filename
     if not datalist_path.is_file():
         raise FileNotFoundError(f"no datalist at {datalist_path}")
-    values: dict[str, Any] = {**_DEFAULT_VALUES, **json.loads(datalist_path.read_text()).get("scribble_values", {})}
+    values: dict[str, Any] = {**DEFAULT_VALUES, **json.loads(datalist_path.read_text()).get("scribble_values", {})}
     items = load_datalist(datalist_path, split, synthesize_if_missing=False)
     if not items:
         raise ValueError(f"{datalist_path}: section {split!r} has no items.")
