@@ -93,6 +93,8 @@ DEFAULT_PROFILE: dict[str, Any] = {}
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": CPU_PROFILE, "cpu-balanced": CPU_BALANCED_PROFILE, "default": DEFAULT_PROFILE, "paper": PAPER_PROFILE,
     "paper-short": PAPER_SHORT_PROFILE,
+    "paper-short-balanced": {**PAPER_SHORT_PROFILE, "class_weights": [3.0, 1.0], "pseudo_class_weights": [3.0, 1.0],
+                             "max_train_seconds": 190, "num_workers": 6},
 }
 #: One line per profile for the report header.
 PROFILE_NOTES: dict[str, str] = {
@@ -113,6 +115,7 @@ PROFILE_CONFIGS: dict[str, list[str]] = {
     "default": ["configs/train.json"],
     "paper": ["configs/train.json", "configs/paper.json"],
     "paper-short": ["configs/train.json", "configs/paper.json"],
+    "paper-short-balanced": ["configs/train.json", "configs/paper.json"],
 }
 #: ``--smoke`` (hidden): a 1-epoch run on a few images, to check the harness end to end in ~1-2 minutes.
 SMOKE_OVERRIDES: dict[str, Any] = {"max_epochs": 1, "warmup_epochs": 0, "ema_every": 1, "num_workers": 0}
@@ -760,8 +763,11 @@ def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> 
         "cc = connected components (primary), ws = distance-transform watershed. Train s = training wall time;",
         "peak RSS = max over 0.5 s polls of the summed VmRSS of the training process and its children (for Otsu: of",
         "the evaluation); img/s = training patches (training images × patches per image × epochs) per second.",
-        "Records that ran on the lent GPU machine use the same `cpu` profile (same epochs, patches and",
-        "hyper-parameters), so their quality figures compare; their times and memory do not (several runs shared it).",
+        *(["Records that ran on the lent GPU machine use the same `cpu` profile (same epochs, patches and",
+           "hyper-parameters), so their quality figures compare; their times and memory do not (several runs shared"
+           " it)."] if any(p in CPU_PROFILES for p in profiles) else
+          ["Records that ran on a GPU machine shared it with the other runs of the same call (see the profile"
+           " note), so their times and memory are not those of a run alone."]),
         "",
         records_table(records),
         "",
