@@ -106,6 +106,8 @@ PROFILE_NOTES: dict[str, str] = {
     "paper": "configs/train.json + configs/paper.json, the authors' recipe",
     "paper-short": "configs/paper.json (the authors' network, crops, batch, optimiser and tau/alpha/gamma) on 100"
                    " epochs with 30 of warm-up instead of 300/100 (`PAPER_SHORT_PROFILE` in dsb.py), for a GPU",
+    "paper-short-balanced": "`paper-short` plus the class weights of `cpu-balanced`, 190 s of training (a second,"
+                            " shorter call of one GPU lease)",
 }
 #: Profiles on the 2-core CPU budget (modality overrides apply, each training <= 10 minutes).
 CPU_PROFILES: tuple[str, ...] = ("cpu", "cpu-balanced")

@@ -130,6 +130,19 @@ def test_commands_are_overrides_of_train_json(tmp_path: Path) -> None:
     assert "--class_weights" not in s2l  # the cpu profile keeps the paper's unweighted loss
 
 
+def test_evaluation_uses_the_network_of_its_training_profile(tmp_path: Path) -> None:
+    run = dsb.RunSpec("fluorescence", 0.3, "s2l", 0)
+    for profile in ("paper", "paper-short"):
+        cmd = dsb.eval_command(run, profile, tmp_path, tmp_path / "m.pt", tmp_path / "o", "connected")
+        configs = cmd[cmd.index("--config_file") + 1]
+        assert configs == "['configs/inference.json','configs/evaluate.json','configs/paper.json']"
+    cmd = dsb.eval_command(run, "cpu", tmp_path, tmp_path / "m.pt", tmp_path / "o", "watershed")
+    assert "paper.json" not in cmd[cmd.index("--config_file") + 1]
+    short = dsb.train_command(run, "paper-short", tmp_path, tmp_path / "r")
+    assert short[short.index("--max_epochs") + 1] == "100" and short[short.index("--warmup_epochs") + 1] == "30"
+    assert "--roi_size" not in short  # the paper's 256x256 crops come from configs/paper.json
+
+
 def test_balanced_profile_weights_scribble_methods_not_full(tmp_path: Path) -> None:
     import fire
 
