@@ -68,6 +68,7 @@ CPU_PROFILE: dict[str, Any] = {
     "batch_size": 16,
     "learning_rate": 3e-3,
     "num_workers": 1,
+    "ensemble_whole_image": False,  # as measured: sliding-window ensembles (see s2l_monai/inferers.py)
 }
 #: ``--smoke`` (hidden): 1 epoch on a few slices, to check the harness end to end.
 SMOKE_OVERRIDES: dict[str, Any] = {"max_epochs": 1, "warmup_epochs": 0, "ema_every": 1, "num_workers": 0}

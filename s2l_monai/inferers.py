@@ -1,0 +1,72 @@
+"""Whole-image inference for fully convolutional networks (the EMA ensemble's default inferer)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import Inferer
+
+__all__ = ["WholeImageInferer"]
+
+
+class WholeImageInferer(Inferer):
+    """Run the network once on the whole image, padded to a multiple of ``divisible`` and cropped back.
+
+    The Scribble2Label ensemble (paper, Sec. 2.2) predicts every training image every γ epochs, so its cost grows
+    with the dataset. MONAI's ``SlidingWindowInferer`` pads an image smaller than the window up to the window and
+    overlaps windows on larger ones; for a fully convolutional U-Net neither is needed. Measured on the 328
+    DSB-Fluo training images (46.6 M pixels, the default 2-level UNet, 2 CPU cores): sliding windows of 256x256
+    with 25% overlap and Gaussian blending 26.0 s, whole images 12.8 s. MONAI has no inferer that pads to the
+    network's divisor, runs once and crops (``SimpleInferer`` fails on sizes the network cannot halve), hence this
+    class. Images above ``max_pixels`` (per sample) go to ``fallback`` so that memory stays bounded.
+
+    Args:
+        divisible: pad each spatial size up to a multiple of this (the product of the network's strides; 32 covers
+            ResNet/EfficientNet encoders, 4 the default UNet).
+        max_pixels: largest spatial size (pixels or voxels per sample) run whole; larger inputs use ``fallback``.
+        fallback: inferer for larger inputs, e.g. a ``SlidingWindowInferer``; None runs every input whole.
+        mode: padding mode of ``torch.nn.functional.pad`` (``"reflect"`` falls back to ``"replicate"`` where a pad
+            is not smaller than the size it pads, which reflection cannot do).
+
+    Example::
+
+        inferer = WholeImageInferer(divisible=32, fallback=SlidingWindowInferer((256, 256)))
+        logits = inferer(images_BCHW, network)  # BC'HW, same H and W as the input
+    """
+
+    def __init__(
+        self,
+        divisible: int = 32,
+        max_pixels: int | None = 2**21,
+        fallback: Inferer | None = None,
+        mode: str = "reflect",
+    ) -> None:
+        super().__init__()
+        if divisible < 1:
+            raise ValueError(f"divisible must be >= 1, got {divisible}.")
+        self.divisible = int(divisible)
+        self.max_pixels = None if max_pixels is None else int(max_pixels)
+        self.fallback = fallback
+        self.mode = mode
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Predict ``inputs`` (``BC`` + spatial) with ``network``; returns ``BC'`` + the same spatial size."""
+        spatial = tuple(int(s) for s in inputs.shape[2:])
+        if self.fallback is not None and self.max_pixels is not None and math.prod(spatial) > self.max_pixels:
+            return self.fallback(inputs, network, *args, **kwargs)
+        pads = [(-s) % self.divisible for s in spatial]
+        if not any(pads):
+            return network(inputs, *args, **kwargs)
+        mode = self.mode
+        if mode == "reflect" and any(p >= s for p, s in zip(pads, spatial)):
+            mode = "replicate"
+        # F.pad takes (last_lo, last_hi, ..., first_lo, first_hi); pad only at the high end so cropping is [:s]
+        flat = [v for p in reversed(pads) for v in (0, p)]
+        data = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+        out = network(F.pad(data, flat, mode=mode), *args, **kwargs)
+        crop = (slice(None), slice(None), *(slice(0, s) for s in spatial))
+        return out[crop]
