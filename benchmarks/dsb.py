@@ -93,8 +93,8 @@ PAPER_PROFILE: dict[str, Any] = {}
 #: ``paper-short``: the authors' recipe (``configs/paper.json``: ResNet-50 U-Net, 256x256 crops, batch 30, lr 3e-4,
 #: cosine warm restarts every 50 epochs, tau 0.8, alpha 0.2, an ensemble every 5 epochs) on a third of its schedule,
 #: 100 epochs with 30 of warm-up (the paper: 300 and 100), to fit a 15-minute GPU lease with four runs sharing one
-#: GPU and 16 CPU cores (3 loader workers each). Measured here: the training augmentation of one 256x256 sample
-#: takes ~20 ms of one CPU core, so the loaders, not the GPU, set the pace. ``max_train_seconds`` stops a run at
+#: GPU and 16 CPU cores (3 loader workers each). Measured here: loading and augmenting one 256x256 training sample
+#: takes 15-23 ms of one CPU core, so the loaders, not the GPU, set the pace. ``max_train_seconds`` stops a run at
 #: the last epoch that fits (the record holds the epochs trained).
 PAPER_SHORT_PROFILE: dict[str, Any] = {
     "max_epochs": 100, "warmup_epochs": 30, "max_train_seconds": 350, "num_workers": 3,
@@ -670,6 +670,18 @@ def ran_on(machine: Any) -> str:
     return f"CPU, {machine.get('cores', '?')} cores"
 
 
+def _gpu_note(records: Sequence[dict[str, Any]], profiles: Sequence[str]) -> list[str]:
+    """Report lines on records measured on a GPU machine (none when every record ran on a CPU)."""
+    if not any(isinstance(r.get("machine"), dict) and r["machine"].get("gpu") for r in records):
+        return []
+    if any(p in CPU_PROFILES for p in profiles):
+        return ["Records that ran on the lent GPU machine use the same CPU profile (same epochs, patches and",
+                "hyper-parameters), so their quality figures compare; their times and memory do not (several runs"
+                " shared it)."]
+    return ["Records that ran on a GPU machine shared it with the other runs of the same call (see the profile"
+            " note), so their times and memory are not those of a run alone."]
+
+
 NOT_MEASURED = "not yet measured"
 
 
@@ -782,11 +794,7 @@ def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> 
         "cc = connected components (primary), ws = distance-transform watershed. Train s = training wall time;",
         "peak RSS = max over 0.5 s polls of the summed VmRSS of the training process and its children (for Otsu: of",
         "the evaluation); img/s = training patches (training images × patches per image × epochs) per second.",
-        *(["Records that ran on the lent GPU machine use the same `cpu` profile (same epochs, patches and",
-           "hyper-parameters), so their quality figures compare; their times and memory do not (several runs shared"
-           " it)."] if any(p in CPU_PROFILES for p in profiles) else
-          ["Records that ran on a GPU machine shared it with the other runs of the same call (see the profile"
-           " note), so their times and memory are not those of a run alone."]),
+        *_gpu_note(records, profiles),
         "",
         records_table(records),
         "",

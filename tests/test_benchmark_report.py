@@ -304,3 +304,12 @@ def test_em_pseudo_label_quality_by_hand() -> None:
     # pred = [T, T, F, F, T], gt = [T, F, F, T, T]: tp 2, fp 1, fn 1
     assert (e["precision"], e["recall"], e["area_ratio"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3), 1.0)
     assert e["iou"] == pytest.approx(2 / 4)
+
+
+def test_gpu_note_only_where_a_record_ran_on_a_gpu() -> None:
+    cpu_rec = {"profile": "cpu-balanced", "machine": {"cores": 2}}
+    gpu_rec = {"profile": "paper-short", "machine": {"cores": 16, "gpu": "NVIDIA H200"}}
+    assert dsb._gpu_note([cpu_rec], ["cpu-balanced"]) == []
+    mixed = [cpu_rec, {**gpu_rec, "profile": "cpu"}]
+    assert "same CPU profile" in " ".join(dsb._gpu_note(mixed, ["cpu", "cpu-balanced"]))
+    assert "shared it with the other runs" in " ".join(dsb._gpu_note([gpu_rec], ["paper-short"]))
