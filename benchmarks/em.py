@@ -14,12 +14,16 @@ the whole volume, as the paper's EM setting). Methods (overrides of the same ``c
 ``configs/inference.json`` + ``configs/evaluate.json`` with ``--slice_axis 0``: IoU and mDice are means over the
 5 test slices (each slice is an image, as in the paper); 3D numbers are in each run's ``eval_*/volume_3d/``.
 
+Profiles: ``cpu`` (the default; at most 10 minutes of training per run on 2 CPU cores; ``results/em.json``) and
+``gpu-short`` (a lent GPU machine running the six trainings at once on 256x256 patches; ``results/em_gpu-short.json``).
+
 Examples::
 
     .venv/bin/python benchmarks/em.py --work /tmp/s2l_em
     .venv/bin/python benchmarks/em.py --work /tmp/s2l_em --list
     .venv/bin/python benchmarks/em.py --work /tmp/s2l_em --only s2l:0 --max-runs 1
     .venv/bin/python benchmarks/em.py --report-only
+    python benchmarks/em.py --work /tmp/s2l_em --profile gpu-short --only s2l:0   # one of six parallel calls
 """
 
 from __future__ import annotations
@@ -69,6 +73,29 @@ CPU_PROFILE: dict[str, Any] = {
     "learning_rate": 3e-3,
     "num_workers": 1,
     "ensemble_whole_image": False,  # as measured: sliding-window ensembles (see s2l_monai/inferers.py)
+}
+#: ``gpu-short``: for a lent GPU machine (one H100/H200, 16 CPU cores, a 15-minute lease): the six trainings run at
+#: once, sharing the GPU, with 2 loader workers each (`.gpu`-style driver, see benchmarks/README.md), on 256x256
+#: patches. Sized from the DSB GPU record (four runs sharing an H200 each drew ~100 256x256 patches/s, bound by
+#: the loaders, not the GPU): 100 epochs of 20 slices x 8 patches is ~16,000 patches, about 3.5x the pixels the
+#: ``cpu`` profile trains on; ``max_train_seconds`` stops a slower host at the last epoch that fits.
+GPU_SHORT_PROFILE: dict[str, Any] = {
+    "max_epochs": 100,
+    "max_train_seconds": 330,
+    "warmup_epochs": 30,
+    "ema_every": 5,
+    "roi_size": [256, 256],
+    "num_samples": 8,
+    "batch_size": 16,
+    "learning_rate": 3e-3,
+    "num_workers": 2,
+    "ensemble_whole_image": True,
+}
+PROFILES: dict[str, dict[str, Any]] = {"cpu": CPU_PROFILE, "gpu-short": GPU_SHORT_PROFILE}
+#: One line per profile for the report.
+PROFILE_NOTES: dict[str, str] = {
+    "cpu": "2 CPU cores, 128x128 patches",
+    "gpu-short": "one lent GPU shared by the six trainings, 256x256 patches",
 }
 #: ``--smoke`` (hidden): 1 epoch on a few slices, to check the harness end to end.
 SMOKE_OVERRIDES: dict[str, Any] = {"max_epochs": 1, "warmup_epochs": 0, "ema_every": 1, "num_workers": 0}
@@ -194,22 +221,23 @@ def prepare_data(src: Path, out: Path, split: dict[str, tuple[int, int]], seed: 
 # --------------------------------------------------------------------------------------------------------------
 
 
-def train_overrides(run: EMRun, smoke: bool = False) -> dict[str, Any]:
+def train_overrides(run: EMRun, smoke: bool = False, profile: str = "cpu") -> dict[str, Any]:
     """Profile, method, smoke overrides (later ones win)."""
-    over = {**CPU_PROFILE, **METHOD_OVERRIDES[run.method]}
+    over = {**PROFILES[profile], **METHOD_OVERRIDES[run.method]}
     if smoke:
         over.update(SMOKE_OVERRIDES)
     return over
 
 
-def train_command(run: EMRun, dataset_dir: Path, run_dir: Path, smoke: bool = False) -> list[str]:
+def train_command(run: EMRun, dataset_dir: Path, run_dir: Path, smoke: bool = False,
+                  profile: str = "cpu") -> list[str]:
     """``python -m monai.bundle run training --slice_axis 0 ...`` (cwd = repository root)."""
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
         "--slice_axis", "0", "--dataset_dir", str(dataset_dir), "--datalist_name", run.datalist_name,
         "--output_dir", str(run_dir / "train"), "--ckpt_dir", str(run_dir / "ckpt"), "--seed", str(run.seed),
     ]
-    for key, value in train_overrides(run, smoke).items():
+    for key, value in train_overrides(run, smoke, profile).items():
         cmd += [f"--{key}", dsb._cli_value(value)]
     return cmd
 
@@ -258,9 +286,21 @@ def otsu_evaluate(dataset_dir: Path, out_dir: Path, instance_method: str) -> dic
 # --------------------------------------------------------------------------------------------------------------
 
 
-def execute_run(run: EMRun, data_dir: Path, work: Path, context: dict[str, Any], smoke: bool = False) -> dict:
+def runs_dir(work: Path, profile: str = "cpu") -> Path:
+    """The run folders of a profile: ``work/runs`` for ``cpu`` (what ``em_analysis.py`` reads),
+    ``work/runs_<profile>`` otherwise."""
+    return work / ("runs" if profile == "cpu" else f"runs_{profile}")
+
+
+def results_path(profile: str = "cpu") -> Path:
+    """``results/em.json`` for the ``cpu`` profile, ``results/em_<profile>.json`` for the others."""
+    return RESULTS_DIR / ("em.json" if profile == "cpu" else f"em_{profile}.json")
+
+
+def execute_run(run: EMRun, data_dir: Path, work: Path, context: dict[str, Any], smoke: bool = False,
+                profile: str = "cpu") -> dict:
     """Train (unless Otsu) and evaluate one run; return its record (the DSB benchmark's keys)."""
-    run_dir = work / "runs" / run.dir_name
+    run_dir = runs_dir(work, profile) / run.dir_name
     log = run_dir / "log.txt"
     start = time.perf_counter()
     reused, reused_seconds = False, 0.0
@@ -283,12 +323,12 @@ def execute_run(run: EMRun, data_dir: Path, work: Path, context: dict[str, Any],
         else:
             for sub in ("train", "ckpt"):
                 shutil.rmtree(run_dir / sub, ignore_errors=True)
-            cmd = train_command(run, data_dir, run_dir, smoke)
+            cmd = train_command(run, data_dir, run_dir, smoke, profile)
             print(f"[em] {run.run_id}: training ({dsb._quote(cmd)})", flush=True)
             res = common.run_measured(cmd, REPO_ROOT, log)
             if res.returncode != 0 or not ckpt.is_file():
                 raise RuntimeError(f"{run.run_id}: training exited {res.returncode}; see {log}")
-            over = train_overrides(run, smoke)
+            over = train_overrides(run, smoke, profile)
             from s2l_monai.volumes import slice_items
 
             datalist = json.loads((data_dir / run.datalist_name).read_text())
@@ -363,6 +403,27 @@ def check_targets(records: Sequence[dict[str, Any]]) -> list[tuple[str, str, str
     return out
 
 
+def _profiles(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> list[str]:
+    """The profiles of the records (``+smoke`` stripped), else the header's."""
+    found = sorted({str(r["profile"]).split("+")[0] for r in records if r.get("profile")})
+    return found or [str(header.get("profile", "cpu"))]
+
+
+def profile_lines(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> list[str]:
+    """One report line per profile: what it trains, within which budget."""
+    lines = []
+    for name in _profiles(records, header):
+        prof = PROFILES.get(name)
+        if prof is None:
+            lines.append(f"Profile `{name}` (not defined in this em.py).")
+            continue
+        roi = "x".join(str(v) for v in prof["roi_size"])
+        lines.append(f"Profile `{name}` ({PROFILE_NOTES[name]}): up to {prof['max_epochs']} epochs "
+                     f"({prof['warmup_epochs']} of warm-up, an ensemble every {prof['ema_every']}) of 20 slices x "
+                     f"{prof['num_samples']} patches of {roi}, within a {prof['max_train_seconds']} s training budget")
+    return lines
+
+
 def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> str:
     """The whole ``em.md``."""
     machines = sorted({common.machine_line(r["machine"]) for r in records if isinstance(r.get("machine"), dict)})
@@ -391,9 +452,9 @@ def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> 
         "IoU / mDice are means over the 5 test slices (connected-component instances, the paper's post-processing);",
         "mDice in brackets is the correct pooled one. `–`: no record yet. Paper: Lee & Jeong, MICCAI 2020, Table 1,",
         "EM column.",
-        f"CPU profile: up to {CPU_PROFILE['max_epochs']} epochs ({CPU_PROFILE['warmup_epochs']} of warm-up, an "
-        f"ensemble every {CPU_PROFILE['ema_every']}) within a {CPU_PROFILE['max_train_seconds']} s training budget",
+        *profile_lines(records, header),
         "(`max_train_seconds`: the trainer stops at the last epoch that fits, so a slow host trains fewer epochs).",
+        *dsb._gpu_note(records, [p for p in _profiles(records, header) if p != "cpu"] or ["cpu"]),
         "",
         main_table(records),
         "",
@@ -436,10 +497,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-runs", type=int, default=None)
     p.add_argument("--list", action="store_true")
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--results", type=Path, default=None, help="result JSON (default benchmarks/results/em.json)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
+                   help="cpu: 2 CPU cores, <= 10 minutes per run (default); gpu-short: a lent GPU machine")
+    p.add_argument("--results", type=Path, default=None,
+                   help="result JSON (default benchmarks/results/em.json, em_<profile>.json for other profiles)")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    results = args.results or (args.work / "results_smoke" / "em.json" if args.smoke else RESULTS_DIR / "em.json")
+    results = args.results or results_path(args.profile)
+    if args.smoke and args.results is None:
+        results = args.work / "results_smoke" / results.name
     given = sys.argv[1:] if argv is None else argv
     harness_cmd = "python benchmarks/em.py " + " ".join(shlex.quote(a) for a in given)
     try:
@@ -453,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for run in plan:
             print(f"{'done   ' if run.key in done else 'pending'}  {run.run_id}")
         return 0
-    header = {"command": harness_cmd, "machine": common.machine_info()}
+    header = {"command": harness_cmd, "machine": common.machine_info(), "profile": args.profile}
     if args.report_only:
         print(f"[em] wrote {write_report(results, header)}")
         return 0
@@ -467,14 +533,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     todo = [r for r in plan if r.key not in done]
     if args.max_runs is not None:
         todo = todo[: max(0, args.max_runs)]
-    context = {"profile": "cpu" + ("+smoke" if args.smoke else ""), "machine": header["machine"],
+    context = {"profile": args.profile + ("+smoke" if args.smoke else ""), "machine": header["machine"],
                "git_commit": common.git_commit(REPO_ROOT), "harness_command": harness_cmd,
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", common.CHILD_ENV["OMP_WAIT_POLICY"])}
     failed = []
     for i, run in enumerate(todo, 1):
         print(f"[em] ({i}/{len(todo)}) {run.run_id}", flush=True)
         try:
-            record = execute_run(run, data_dir, args.work, {**context, "date": common.now_iso()}, smoke=args.smoke)
+            record = execute_run(run, data_dir, args.work, {**context, "date": common.now_iso()}, smoke=args.smoke,
+                                 profile=args.profile)
         except (RuntimeError, OSError, ValueError, KeyError) as exc:
             print(f"[em] FAILED {run.run_id}: {exc}", file=sys.stderr, flush=True)
             failed.append(run.run_id)
