@@ -682,6 +682,13 @@ def _gpu_note(records: Sequence[dict[str, Any]], profiles: Sequence[str]) -> lis
             " note), so their times and memory are not those of a run alone."]
 
 
+def analysis_name(modality: str, profiles: Sequence[str]) -> str:
+    """File name of the ``dsb_analysis.py`` report (30% scribbles) for a modality and the report's profile."""
+    suffix = "" if list(profiles) in ([], ["cpu"]) or len(profiles) > 1 else f"_{profiles[0]}"
+    base = "dsb_analysis" if modality == "fluorescence" else f"dsb_analysis_{modality}_30"
+    return base + suffix + ".md"
+
+
 NOT_MEASURED = "not yet measured"
 
 
@@ -806,7 +813,8 @@ def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> 
                                    [list(t) for t in check_targets(records)], align=["l", "l", "l"]).splitlines()
     lines += [
         "",
-        "Where a target fails, `dsb_analysis.md` (DSB-Fluo) and `dsb_analysis_<modality>_30.md` (written by",
+        f"Where a target fails, `{analysis_name('fluorescence', profiles)}` (DSB-Fluo) and "
+        f"`{analysis_name('<modality>', profiles)}` (written by",
         "`benchmarks/dsb_analysis.py` from the run folders) hold the measured reasons: pixel precision/recall and",
         "foreground area ratio of each run's test masks, the accuracy of the pseudo-labels in each Scribble2Label",
         "run's final EMA store against the full masks, and the class balance of the automatic scribbles.",

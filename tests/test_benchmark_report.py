@@ -313,3 +313,11 @@ def test_gpu_note_only_where_a_record_ran_on_a_gpu() -> None:
     mixed = [cpu_rec, {**gpu_rec, "profile": "cpu"}]
     assert "same CPU profile" in " ".join(dsb._gpu_note(mixed, ["cpu", "cpu-balanced"]))
     assert "shared it with the other runs" in " ".join(dsb._gpu_note([gpu_rec], ["paper-short"]))
+
+
+def test_report_points_to_the_analysis_of_its_profile() -> None:
+    assert dsb.analysis_name("fluorescence", ["cpu"]) == "dsb_analysis.md"
+    assert dsb.analysis_name("histopathology", ["cpu-balanced-e12"]) == (
+        "dsb_analysis_histopathology_30_cpu-balanced-e12.md")
+    text = dsb.render_report([fake("dsb_fluo", 0.3, "s2l", 0, 0.8, profile="cpu-balanced-e12")], {})
+    assert "`dsb_analysis_cpu-balanced-e12.md` (DSB-Fluo)" in text
