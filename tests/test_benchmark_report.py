@@ -321,3 +321,16 @@ def test_report_points_to_the_analysis_of_its_profile() -> None:
         "dsb_analysis_histopathology_30_cpu-balanced-e12.md")
     text = dsb.render_report([fake("dsb_fluo", 0.3, "s2l", 0, 0.8, profile="cpu-balanced-e12")], {})
     assert "`dsb_analysis_cpu-balanced-e12.md` (DSB-Fluo)" in text
+
+
+def test_a05_profile_changes_only_the_s2l_ema_weight() -> None:
+    """``cpu-balanced-e12-a05`` differs from ``cpu-balanced-e12`` by ema_alpha alone, which Pseudo-label overrides
+    (alpha 1) and pCE / Full never use (no ensembles)."""
+    for method in ("s2l", "pce", "pseudo", "full"):
+        run = dsb.RunSpec("fluorescence", None if method == "full" else 0.3, method, 0)
+        base, a05 = dsb.train_overrides(run, "cpu-balanced-e12"), dsb.train_overrides(run, "cpu-balanced-e12-a05")
+        diff = {k for k in set(base) | set(a05) if base.get(k) != a05.get(k)}
+        assert diff == ({"ema_alpha"} if method != "pseudo" else set())
+        assert a05["ema_alpha"] == (1.0 if method == "pseudo" else 0.5)
+        if method in ("pce", "full"):
+            assert a05["lambda_up"] == 0 and a05["ema_every"] > a05["max_epochs"]
