@@ -127,7 +127,9 @@ PROFILE_NOTES: dict[str, str] = {
     "cpu-balanced-e12": "`cpu-balanced` on 12 epochs (8 of warm-up) with whole-image ensembles, the same 10-minute"
                         " budget (`CPU_BALANCED_E12_PROFILE` in dsb.py)",
     "cpu-balanced-e12-a05": "`cpu-balanced-e12` with `ema_alpha 0.5` (Scribble2Label's EMA remembers ~4 epochs"
-                            " instead of ~10 in a 12-epoch run; `CPU_BALANCED_E12_A05_PROFILE` in dsb.py)",
+                            " instead of ~10 in a 12-epoch run; `CPU_BALANCED_E12_A05_PROFILE` in dsb.py). pCE,"
+                            " Pseudo-label and Full are configured exactly as in `cpu-balanced-e12`: compare with"
+                            " their records in `dsb_cpu-balanced-e12.md`",
     "default": "the bundle's defaults of configs/train.json",
     "paper": "configs/train.json + configs/paper.json, the authors' recipe",
     "paper-short": "configs/paper.json (the authors' network, crops, batch, optimiser and tau/alpha/gamma) on 100"
