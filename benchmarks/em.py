@@ -77,7 +77,7 @@ CPU_PROFILE: dict[str, Any] = {
 #: ``gpu-short``: for a lent GPU machine (one H100/H200, 16 CPU cores, a 15-minute lease): the six trainings run at
 #: once, sharing the GPU, with 2 loader workers each (`.gpu`-style driver, see benchmarks/README.md), on 256x256
 #: patches. Sized from the DSB GPU record (four runs sharing an H200 each drew ~100 256x256 patches/s, bound by
-#: the loaders, not the GPU): 100 epochs of 20 slices x 8 patches is ~16,000 patches, about 3.5x the pixels the
+#: the loaders, not the GPU): 100 epochs of 20 slices x 8 patches is 16,000 patches, about 2.8x the pixels the
 #: ``cpu`` profile trains on; ``max_train_seconds`` stops a slower host at the last epoch that fits.
 GPU_SHORT_PROFILE: dict[str, Any] = {
     "max_epochs": 100,
