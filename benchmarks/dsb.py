@@ -695,10 +695,11 @@ def _gpu_note(records: Sequence[dict[str, Any]], profiles: Sequence[str]) -> lis
             " note), so their times and memory are not those of a run alone."]
 
 
-def analysis_name(modality: str, profiles: Sequence[str]) -> str:
-    """File name of the ``dsb_analysis.py`` report (30% scribbles) for a modality and the report's profile."""
-    suffix = "" if list(profiles) in ([], ["cpu"]) or len(profiles) > 1 else f"_{profiles[0]}"
-    base = "dsb_analysis" if modality == "fluorescence" else f"dsb_analysis_{modality}_30"
+def analysis_name(modality: str, profiles: Sequence[str], ratio: str = "30") -> str:
+    """File name of the ``dsb_analysis.py`` report of a modality, scribble ratio tag and profile (the one naming
+    rule: ``dsb_analysis.py`` writes to it, the reports point to it). Several profiles, or none: the ``cpu`` name."""
+    suffix = f"_{profiles[0]}" if len(profiles) == 1 and profiles[0] != "cpu" else ""
+    base = "dsb_analysis" if (modality, ratio) == ("fluorescence", "30") else f"dsb_analysis_{modality}_{ratio}"
     return base + suffix + ".md"
 
 

@@ -181,9 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "results/dsb_analysis_<modality>_<ratio>.md)")
     args = p.parse_args(argv)
     if args.out is None:
-        default = args.modality == "fluorescence" and args.ratio == "30"
-        name = "dsb_analysis" if default else f"dsb_analysis_{args.modality}_{args.ratio}"
-        args.out = DEFAULT_OUT.with_name(name + ("" if args.profile == "cpu" else f"_{args.profile}") + ".md")
+        args.out = DEFAULT_OUT.with_name(dsb.analysis_name(args.modality, [args.profile], args.ratio))
     if not dsb.runs_dir(args.work, args.profile).is_dir():
         print(f"dsb_analysis.py: no runs under {args.work}; run benchmarks/dsb.py first", file=sys.stderr)
         return 2

@@ -418,9 +418,11 @@ def profile_lines(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> 
             lines.append(f"Profile `{name}` (not defined in this em.py).")
             continue
         roi = "x".join(str(v) for v in prof["roi_size"])
+        n_train = SPLIT["train"][1] - SPLIT["train"][0]
         lines.append(f"Profile `{name}` ({PROFILE_NOTES[name]}): up to {prof['max_epochs']} epochs "
-                     f"({prof['warmup_epochs']} of warm-up, an ensemble every {prof['ema_every']}) of 20 slices x "
-                     f"{prof['num_samples']} patches of {roi}, within a {prof['max_train_seconds']} s training budget")
+                     f"({prof['warmup_epochs']} of warm-up, an ensemble every {prof['ema_every']}) of {n_train} "
+                     f"slices x {prof['num_samples']} patches of {roi}, within a {prof['max_train_seconds']} s "
+                     "training budget")
     return lines
 
 

@@ -319,6 +319,8 @@ def test_report_points_to_the_analysis_of_its_profile() -> None:
     assert dsb.analysis_name("fluorescence", ["cpu"]) == "dsb_analysis.md"
     assert dsb.analysis_name("histopathology", ["cpu-balanced-e12"]) == (
         "dsb_analysis_histopathology_30_cpu-balanced-e12.md")
+    assert dsb.analysis_name("fluorescence", ["cpu"], "50") == "dsb_analysis_fluorescence_50.md"
+    assert dsb.analysis_name("fluorescence", ["cpu", "cpu-balanced"]) == "dsb_analysis.md"
     text = dsb.render_report([fake("dsb_fluo", 0.3, "s2l", 0, 0.8, profile="cpu-balanced-e12")], {})
     assert "`dsb_analysis_cpu-balanced-e12.md` (DSB-Fluo)" in text
 
