@@ -1,7 +1,8 @@
 """Why an ISBI 2012 run scored what it did: pixel errors on the test slices and quality of the EMA pseudo-labels.
 
 Reads the run folders that ``benchmarks/em.py`` leaves in its work folder (``runs/<run>/eval_connected/predictions``
-and ``runs/<run>/train/ema``) with the prepared data's full label volumes, and writes
+and ``runs/<run>/train/ema``; ``runs_<profile>/`` for its other profiles, rows labelled with the profile) with the
+prepared data's full label volumes, and writes
 ``benchmarks/results/em_analysis.md``:
 
 1. per run, on the 5 test slices: pooled pixel precision and recall of the semantic volume (foreground = cell
@@ -34,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from benchmarks import common, dsb_analysis
+    from benchmarks import common, dsb_analysis, em
 except ImportError:  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks import common, dsb_analysis
+    from benchmarks import common, dsb_analysis, em
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "em_analysis.md"
@@ -74,7 +75,7 @@ def pseudo_label_quality(fg_prob: Any, gt: Any, unlabelled: Any, tau: float) -> 
 
 
 def analyse(work: Path) -> tuple[list[list[Any]], list[list[Any]], list[list[Any]]]:
-    """Rows of the three tables for every finished run under ``work/runs``."""
+    """Rows of the three tables for every finished run under ``work/runs`` and ``work/runs_<profile>``."""
     from s2l_monai.data.datalist import item_id
     from s2l_monai.ensemble import EMAStore
 
@@ -87,9 +88,11 @@ def analyse(work: Path) -> tuple[list[list[Any]], list[list[Any]], list[list[Any
     scribble = _volume(data / item["scribble"])
     unlabelled = scribble == values["unlabelled"]
     test_rows, ema_rows = [], []
-    for run in sorted(p for p in (work / "runs").iterdir() if RUN_RE.match(p.name)):
+    runs = [(profile, run) for profile in em.PROFILES if em.runs_dir(work, profile).is_dir()
+            for run in sorted(em.runs_dir(work, profile).iterdir()) if RUN_RE.match(run.name)]
+    for profile, run in runs:
         m = RUN_RE.match(run.name)
-        label = f"{m['method']} (seed {m['seed']})"
+        label = f"{m['method']} (seed {m['seed']})" + ("" if profile == "cpu" else f", `{profile}`")
         sem = run / "eval_connected" / "predictions" / "test_semantic.tif"
         if not sem.is_file():
             continue
@@ -100,12 +103,12 @@ def analyse(work: Path) -> tuple[list[list[Any]], list[list[Any]], list[list[Any
         if m["method"] in ("s2l", "pce") and ema_dir.is_dir():
             meta = run / "train_meta.json"
             over = json.loads(meta.read_text()).get("overrides", {}) if meta.is_file() else {}
-            tau = float(over.get("tau", 0.8))
+            tau, alpha = float(over.get("tau", 0.8)), float(over.get("ema_alpha", 0.2))
             prob = EMAStore(ema_dir).probabilities(item_id(item["image"]))
             if prob is None:
                 continue
             q = pseudo_label_quality(prob[1], gt_train, unlabelled, tau)
-            ema_rows.append([label, tau, common.fmt(q["coverage"], 3), common.fmt(q["accuracy"], 4),
+            ema_rows.append([label, tau, alpha, common.fmt(q["coverage"], 3), common.fmt(q["accuracy"], 4),
                              common.fmt(q["fg_precision"], 4), common.fmt(q["bg_precision"], 4),
                              common.fmt(q["fg_share"], 3)])
     fg, bg = int((scribble == values["foreground"]).sum()), int((scribble == values["background"]).sum())
@@ -151,8 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the same figures for it show what the pseudo-labels would have been without self-training. Coverage =",
         "share of unscribbled pixels whose averaged probability is above tau or below 1 - tau.",
         "",
-        common.markdown_table(["run", "tau", "coverage", "accuracy", "fg precision", "bg precision", "fg share"],
-                              ema_rows) if ema_rows else "No run with an EMA store.",
+        common.markdown_table(["run", "tau", "alpha", "coverage", "accuracy", "fg precision", "bg precision",
+                               "fg share"], ema_rows) if ema_rows else "No run with an EMA store.",
         "",
         "## Training slices: class balance of the 10% scribbles",
         "",

@@ -103,3 +103,33 @@ def test_list_reads_the_profile_results(tmp_path: Path, capsys: pytest.CaptureFi
     assert "done     pce:1" in lines and "pending  s2l:0" in lines and len(lines) == 7
     with pytest.raises(SystemExit):  # argparse refuses a profile em.py does not define
         em.main(["--profile", "no-such-profile", "--list"])
+
+
+def test_s2l_only_profile_reports_beside_the_base_profile(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """``cpu-a05`` trains Scribble2Label alone (with ``ema_alpha 0.5``) and takes pCE / Full / Otsu from ``cpu``."""
+    assert em.BASELINE_PROFILES["cpu-a05"] == "cpu"
+    assert [r.run_id for r in em.build_plan("cpu-a05")] == ["s2l:0", "s2l:1"]
+    cmd = em.train_command(em.EMRun("s2l", 0), tmp_path / "data", tmp_path / "run", profile="cpu-a05")
+    assert _flag(cmd, "ema_alpha") == "0.5" and "--ema_alpha" not in em.train_command(
+        em.EMRun("s2l", 0), tmp_path / "data", tmp_path / "run", profile="cpu")
+    # every other override is the cpu profile's: the two S2L trainings differ in alpha alone
+    assert {k: v for k, v in em.CPU_A05_PROFILE.items() if k != "ema_alpha"} == em.CPU_PROFILE
+    assert em.runs_dir(tmp_path, "cpu-a05") == tmp_path / "runs_cpu-a05"
+
+    base = tmp_path / "em.json"  # the cpu records: S2L 0.870 and 0.872, pCE 0.880 and 0.878, Full 0.89
+    for r in (rec("s2l", 0, 0.870), rec("s2l", 1, 0.872), rec("pce", 0, 0.880), rec("pce", 1, 0.878),
+              rec("full", 0, 0.89), rec("full", 1, 0.89), rec("otsu", None, 0.64)):
+        common.append_record(base, r, em.KEY_FIELDS)
+    results = tmp_path / "em_cpu-a05.json"
+    common.append_record(results, rec("s2l", 0, 0.881, profile="cpu-a05"), em.KEY_FIELDS)
+    text = em.write_report(results, {"profile": "cpu-a05"}).read_text()
+    assert "Runs:** 1 of 2 planned" in text
+    assert "records of profile `cpu` (`em.json`): this profile changes Scribble2Label only" in text
+    # the targets compare this profile's S2L (0.881, not cpu's 0.871) with cpu's pCE (0.879) and Full (0.89)
+    assert "| S2L IoU above pCE-only | PASS | S2L 0.8810 (n=1) vs pCE 0.8790 (n=2) |" in text
+    assert "| S2L IoU within 0.02 of Full | PASS | S2L 0.8810 (n=1) vs Full 0.8900 (n=2) |" in text
+    assert "| isbi2012 | 10% | pce | 0 | 0.8800 |" in text  # the baseline rows appear in the records table
+    assert "0.8700" not in text  # cpu's own S2L records do not
+    assert em.main(["--profile", "cpu-a05", "--results", str(results), "--list", "--work", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["done     s2l:0", "pending  s2l:1"]
