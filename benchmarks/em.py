@@ -500,7 +500,11 @@ def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any],
     lines += common.markdown_table(["target", "status", "measured"], [list(t) for t in check_targets(records)],
                                    align=["l", "l", "l"]).splitlines()
     lines += ["", "Why a target falls short is measured in `em_analysis.md` (`benchmarks/em_analysis.py`: pixel",
-              "errors on the test slices, accuracy of the EMA pseudo-labels against the full labels).", ""]
+              "errors on the test slices, accuracy of the EMA pseudo-labels against the full labels)."]
+    lines += [f"Profile `{name}` ({PROFILE_NOTES[name]}) reports its Scribble2Label beside these records in "
+              f"`{results_path(name).with_suffix('.md').name}`." for name, base in BASELINE_PROFILES.items()
+              if base == profile and not baseline]
+    lines += [""]
     return "\n".join(lines)
 
 

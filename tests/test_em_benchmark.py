@@ -133,3 +133,10 @@ def test_s2l_only_profile_reports_beside_the_base_profile(tmp_path: Path,
     assert "0.8700" not in text  # cpu's own S2L records do not
     assert em.main(["--profile", "cpu-a05", "--results", str(results), "--list", "--work", str(tmp_path)]) == 0
     assert capsys.readouterr().out.splitlines() == ["done     s2l:0", "pending  s2l:1"]
+
+
+def test_base_profile_report_points_to_the_s2l_only_profile() -> None:
+    text = em.render_report([rec("s2l", 0, 0.88), rec("pce", 0, 0.88)], {"results_name": "em.json"})
+    assert "reports its Scribble2Label beside these records in `em_cpu-a05.md`" in text
+    gpu = em.render_report([rec("s2l", 0, 0.9, profile="gpu-short")], {"results_name": "em_gpu-short.json"})
+    assert "em_cpu-a05.md" not in gpu
