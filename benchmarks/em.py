@@ -172,11 +172,11 @@ class EMRun:
         return f"{DATASET}_{self.method}_{'na' if self.seed is None else f's{self.seed}'}"
 
 
-def build_plan(profile: str = "cpu") -> list[EMRun]:
-    """S2L, pCE, Full for seed 0, the Otsu line, then the three again for seed 1 (S2L alone for a profile in
-    ``BASELINE_PROFILES``)."""
-    plan = [EMRun(m, 0) for m in ("s2l", "pce", "full")] + [EMRun("otsu", None)]
-    plan += [EMRun(m, 1) for m in ("s2l", "pce", "full")]
+def build_plan(profile: str = "cpu", seeds: Sequence[int] = SEEDS) -> list[EMRun]:
+    """S2L, pCE, Full for the first seed, the Otsu line, then the three again for each further seed (default 0 and
+    1; S2L alone for a profile in ``BASELINE_PROFILES``)."""
+    plan = [EMRun(m, seeds[0]) for m in ("s2l", "pce", "full")] + [EMRun("otsu", None)]
+    plan += [EMRun(m, seed) for seed in seeds[1:] for m in ("s2l", "pce", "full")]
     return [r for r in plan if r.method == "s2l"] if profile in BASELINE_PROFILES else plan
 
 
@@ -465,7 +465,7 @@ def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any],
     profile = _profiles(records, header)[0]
     plan = build_plan(profile)
     done = {dsb.record_key(r) for r in records}
-    own_profiles = _profiles(records, header)
+    own_profiles, n_own = _profiles(records, header), len(records)
     base_line = []
     if baseline:
         base_name = BASELINE_PROFILES.get(profile, "cpu")
@@ -479,7 +479,8 @@ def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any],
         "",
         "- **Command(s):** " + ("; ".join(f"`{c}`" for c in commands) if commands else common.DASH),
         "- **Machine(s):** " + ("; ".join(machines) if machines else common.DASH),
-        f"- **Runs:** {sum(r.key in done for r in plan)} of {len(plan)} planned have a record",
+        f"- **Runs:** {sum(r.key in done for r in plan)} of {len(plan)} planned (seeds "
+        f"{', '.join(map(str, SEEDS))}) have a record ({n_own} records in all)",
         f"- **Total wall time** (training + evaluations): {total / 3600:.2f} h",
         f"- **Peak memory** (largest peak RSS of a process tree, MB): {common.fmt(max(peaks) if peaks else None, 0)}",
         f"- **Report written:** {header.get('date', common.now_iso())}",
@@ -543,6 +544,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/s2l_em"))
     p.add_argument("--only", nargs="+", default=None, metavar="METHOD:SEED")
     p.add_argument("--max-runs", type=int, default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
+                   help=f"training seeds (default {' '.join(map(str, SEEDS))}); more seeds add runs to the plan")
     p.add_argument("--list", action="store_true")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
@@ -557,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     harness_cmd = "python benchmarks/em.py " + " ".join(shlex.quote(a) for a in given)
     try:
-        plan = select_plan(build_plan(args.profile), args.only)
+        plan = select_plan(build_plan(args.profile, args.seeds), args.only)
         records = common.load_records(results)
     except ValueError as exc:
         print(f"em.py: error: {exc}", file=sys.stderr)

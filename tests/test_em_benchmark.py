@@ -33,6 +33,10 @@ def test_plan_is_three_methods_two_seeds_and_otsu() -> None:
     plan = em.build_plan()
     assert [r.run_id for r in plan] == ["s2l:0", "pce:0", "full:0", "otsu:-", "s2l:1", "pce:1", "full:1"]
     assert [r.run_id for r in em.select_plan(plan, ["*:1"])] == ["s2l:1", "pce:1", "full:1"]
+    # --seeds 0 1 2: the default plan plus a third seed of each method; S2L-only profiles grow by one run
+    assert [r.run_id for r in em.build_plan("cpu", (0, 1, 2))] == [r.run_id for r in plan] + ["s2l:2", "pce:2",
+                                                                                            "full:2"]
+    assert [r.run_id for r in em.build_plan("cpu-a05", (0, 1, 2))] == ["s2l:0", "s2l:1", "s2l:2"]
     with pytest.raises(ValueError):
         em.select_plan(plan, ["nonsense"])
 
@@ -124,7 +128,7 @@ def test_s2l_only_profile_reports_beside_the_base_profile(tmp_path: Path,
     results = tmp_path / "em_cpu-a05.json"
     common.append_record(results, rec("s2l", 0, 0.881, profile="cpu-a05"), em.KEY_FIELDS)
     text = em.write_report(results, {"profile": "cpu-a05"}).read_text()
-    assert "Runs:** 1 of 2 planned" in text
+    assert "Runs:** 1 of 2 planned (seeds 0, 1) have a record (1 records in all)" in text
     assert "records of profile `cpu` (`em.json`): this profile changes Scribble2Label only" in text
     # the targets compare this profile's S2L (0.881, not cpu's 0.871) with cpu's pCE (0.879) and Full (0.89)
     assert "| S2L IoU above pCE-only | PASS | S2L 0.8810 (n=1) vs pCE 0.8790 (n=2) |" in text
@@ -133,6 +137,9 @@ def test_s2l_only_profile_reports_beside_the_base_profile(tmp_path: Path,
     assert "0.8700" not in text  # cpu's own S2L records do not
     assert em.main(["--profile", "cpu-a05", "--results", str(results), "--list", "--work", str(tmp_path)]) == 0
     assert capsys.readouterr().out.splitlines() == ["done     s2l:0", "pending  s2l:1"]
+    assert em.main(["--profile", "cpu-a05", "--results", str(results), "--list", "--work", str(tmp_path),
+                    "--seeds", "0", "1", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["done     s2l:0", "pending  s2l:1", "pending  s2l:2"]
 
 
 def test_base_profile_report_points_to_the_s2l_only_profile() -> None:
