@@ -297,11 +297,13 @@ class EMAStore:
 
 
 class EMAEnsembleHandler:
-    """Ignite handler that runs the Scribble2Label prediction ensemble every ``every`` epochs.
+    """Ignite handler that runs the Scribble2Label prediction ensemble every ``every`` epochs, or on a schedule.
 
-    Modelled on MONAI's ``ValidationHandler``: :meth:`attach` registers it on the trainer at
+    Modelled on MONAI's ``ValidationHandler``: without a ``schedule``, :meth:`attach` registers it on the trainer at
     ``EPOCH_COMPLETED(every=every)``, from the first epoch on (warm-up included, so the average is ready when
-    ``L_up`` switches on). Each run drives ``evaluator`` (a MONAI ``SupervisedEvaluator`` over every training item,
+    ``L_up`` switches on). With a :class:`s2l_monai.schedule.TrainingSchedule` (the bundle's default) it checks
+    after every iteration whether the next ensemble point of the schedule is reached, and takes ``alpha`` from it.
+    Each run drives ``evaluator`` (a MONAI ``SupervisedEvaluator`` over every training item,
     without augmentation, usually with a ``SlidingWindowInferer``; it puts the network in eval mode and disables
     gradients) and folds each softmax prediction into ``store``. Afterwards the network is put back in train mode.
 
@@ -326,6 +328,7 @@ class EMAEnsembleHandler:
         num_slices_key: key of the volume's slice count.
         figure_dir: folder for the figures; None for none.
         num_figures: how many items get a figure.
+        schedule: the run's schedule; replaces ``every`` and ``alpha``.
     """
 
     def __init__(
@@ -343,13 +346,17 @@ class EMAEnsembleHandler:
         num_figures: int = 4,
         slice_key: str = "slice",
         num_slices_key: str = "num_slices",
+        schedule: Any = None,
     ) -> None:
+        if schedule is not None:
+            every, alpha = 1, schedule.ema_alpha
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}.")
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}.")
         self.evaluator = evaluator
         self.store = store
+        self.schedule = schedule
         self.every = int(every)
         self.alpha = float(alpha)
         self.tau = float(tau)
@@ -368,8 +375,18 @@ class EMAEnsembleHandler:
         evaluator.add_event_handler(Events.ITERATION_COMPLETED, self._update_batch)
 
     def attach(self, engine: Engine) -> None:
-        """Run the ensemble at the end of every ``every``-th epoch of ``engine``."""
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)
+        """Run the ensemble at the end of every ``every``-th epoch of ``engine``, or at the schedule's points."""
+        if self.schedule is None:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)
+        else:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._maybe_run)
+
+    def _maybe_run(self, engine: Engine) -> None:
+        if self.schedule.ensemble_due(engine.state.iteration):
+            progress = self.schedule.progress(engine.state.iteration)
+            self(engine)
+            # one ensemble per reached point; points skipped by a slow step (time budget) are not made up for
+            self.schedule.ensembles_done = sum(p <= progress + 1e-9 for p in self.schedule.ensemble_points)
 
     def __call__(self, engine: Engine) -> None:
         start = time.perf_counter()
@@ -391,7 +408,8 @@ class EMAEnsembleHandler:
         engine.state.metrics["ensemble_seconds"] = seconds
         self.epochs_run.append(engine.state.epoch)
         self.logger.info(
-            f"Epoch {engine.state.epoch}: ensemble of {self._seen} items in {seconds:.1f} s; "
+            f"Epoch {engine.state.epoch}, step {engine.state.iteration}: ensemble of {self._seen} items in "
+            f"{seconds:.1f} s; "
             f"{100 * coverage:.1f}% of unscribbled pixels pass tau={self.tau}"
         )
 

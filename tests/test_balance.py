@@ -92,3 +92,77 @@ def test_cli_prints_the_override(tmp_path, capsys):
     assert '"[1.0, 1.0]"' in capsys.readouterr().out
     assert main(["balance", "--datalist", str(tmp_path / "nothing.json")]) == 2
     assert "no datalist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The class prior from the scribbles alone (class_weights "auto")
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _scribbled_items(n: int, polarity: float = 1.0, seed: int = 0, n_nuclei=(4, 8)):
+    from s2l_monai.data.scribbles import auto_scribbles
+    from s2l_monai.data.synthetic import synthetic_nuclei
+
+    items, fg, total = [], 0, 0
+    for i in range(n):
+        image, labels = synthetic_nuclei((128, 128), seed=seed + i, n_nuclei=n_nuclei)
+        grey = image.astype(np.float32) / 255.0
+        if polarity < 0:  # dark nuclei on a bright background, as in bright-field and H&E
+            grey = 1.0 - grey
+        scribble = auto_scribbles(labels > 0, 0.3, seed=i)
+        items.append({"image": np.stack([grey, grey, grey]), "scribble": scribble[None]})
+        fg += int((labels > 0).sum())
+        total += labels.size
+    return items, fg / total
+
+
+@pytest.mark.parametrize("polarity", [1.0, -1.0])
+def test_prior_estimated_from_scribbles_matches_the_known_share(polarity):
+    """Synthetic nuclei with a known foreground share: the estimate from the scribbles alone is close to it, for
+    bright and for dark nuclei, and the weights are the importance weights of that share."""
+    from s2l_monai.data.balance import estimate_class_prior, suggested_class_weights
+
+    items, true_share = _scribbled_items(12, polarity)
+    est = estimate_class_prior(items)
+    assert est.items == 12
+    assert abs(est.image_foreground_share - true_share) < 0.03, (est, true_share)
+    s = est.scribble_foreground_share
+    assert s > true_share + 0.1  # the scribbles over-represent the foreground: the bias being corrected
+    assert est.class_weights == [pytest.approx(suggested_class_weights(s, est.image_foreground_share)[0], abs=0.011),
+                                 1.0]
+    truth = suggested_class_weights(s, true_share)[0]
+    assert est.class_weights[0] == pytest.approx(truth, rel=0.25)
+
+
+def test_prior_hand_computed_threshold_case():
+    """Two images of known pixels: bright half is foreground; scribbles put 3 fg and 1 bg pixel per image."""
+    from s2l_monai.data.balance import estimate_class_prior
+
+    image = np.zeros((1, 4, 8), np.float32)
+    image[0, :, :2] = 1.0  # 8 of 32 pixels bright: f = 0.25
+    scribble = np.full((1, 4, 8), 255, np.uint8)
+    scribble[0, 0, :2] = 1
+    scribble[0, 1, 0] = 1
+    scribble[0, 3, 7] = 0
+    est = estimate_class_prior([{"image": image, "scribble": scribble}] * 2, sigma=0)
+    assert est.image_foreground_share == pytest.approx(0.25)
+    assert est.scribble_foreground_share == pytest.approx(0.75)
+    assert est.class_weights == [pytest.approx((0.75 / 0.25) / (0.25 / 0.75)), 1.0]  # odds ratio 9
+
+
+def test_resolve_class_weights(tmp_path):
+    from s2l_monai.data.balance import resolve_class_weights
+
+    assert resolve_class_weights(None) is None
+    assert resolve_class_weights([2, 1]) == [2.0, 1.0]
+    with pytest.raises(ValueError, match="'auto'"):
+        resolve_class_weights("balanced", [])
+    items, _ = _scribbled_items(4)
+    weights = resolve_class_weights("auto", items, output_dir=tmp_path)
+    assert weights[1] == 1.0 and weights[0] > 1.5
+    saved = json.loads((tmp_path / "class_prior.json").read_text())
+    assert saved["class_weights"] == weights and 0 < saved["image_foreground_share"] < 0.5
+    assert resolve_class_weights("auto", items, output_dir=tmp_path) == weights  # one estimate per run
+    no_fg = [{"image": it["image"], "scribble": np.where(it["scribble"] == 1, 255, it["scribble"])} for it in items]
+    with pytest.raises(ValueError, match="no foreground scribble"):
+        resolve_class_weights("auto", no_fg, output_dir=tmp_path / "other")

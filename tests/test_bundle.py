@@ -73,17 +73,20 @@ def test_resume_restores_ema_store_and_epoch(trained):
     assert resumed["trainer"]["iteration"] == 3 * resumed["trainer"]["epoch_length"]
 
 
-def test_time_budget_stops_at_an_epoch_boundary_and_saves(trained):
-    """``--max_train_seconds``: a 500-epoch schedule stops in budget, with whole epochs and a final checkpoint."""
+def test_time_budget_ends_the_run_and_saves(trained):
+    """``--max_train_seconds``: a schedule of 100000 steps ends when the clock runs out, mid-epoch, with a final
+    checkpoint and the schedule laid on the time (warm-up and ensembles as shares of the 8 s)."""
     root, common, _ = trained
-    over = [a if a != str(root / "models") else str(root / "models_budget") for a in common]
-    over = [a if a != str(root / "out") else str(root / "out_budget") for a in over]
-    proc = _run(*over, "--max_epochs", "500", "--max_train_seconds", "6")
+    pairs = dict(zip(common[::2], common[1::2]))
+    pairs.update({"--output_dir": str(root / "out_budget"), "--ckpt_dir": str(root / "models_budget")})
+    del pairs["--warmup_epochs"], pairs["--ema_every"]  # the default shares of the run
+    over = [x for pair in pairs.items() for x in pair]
+    proc = _run(*over, "--max_steps", "100000", "--max_train_seconds", "8")
     log = proc.stdout + proc.stderr
-    m = re.search(r"Time limit 6 s: stopping after epoch (\d+) of 500", log)
+    m = re.search(r"time budget 8 s spent after (\d+) of 100000 steps", log)
     assert m, log[-3000:]
+    assert "ensembles at 0.50, 0.60, 0.70, 0.80, 0.90" in log
+    assert len(re.findall(r"EMAEnsembleHandler - INFO - .* ensemble of 4 items", log)) >= 3
     ckpt = torch.load(root / "models_budget" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
-    epochs = int(m.group(1))
-    assert 1 <= epochs < 500
-    assert ckpt["trainer"]["iteration"] == epochs * ckpt["trainer"]["epoch_length"]
+    assert ckpt["trainer"]["iteration"] == int(m.group(1)) and ckpt["schedule"]["seconds"] >= 8
     assert (root / "models_budget" / "model.pt").is_file()
