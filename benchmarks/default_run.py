@@ -32,6 +32,16 @@ from benchmarks.common import (  # noqa: E402
 
 METRICS_LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- (.*)$")
 EPOCH_TIME = re.compile(r"Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):([\d.]+)")
+ENSEMBLE_LINE = re.compile(r"Epoch (\d+), step (\d+): ensemble of (\d+) items in ([\d.]+) s; ([\d.]+)% of unscribbled")
+SCHEDULE_LINE = re.compile(r"ScheduleHandler - INFO - (schedule: .*)$")
+PRIOR_LINE = re.compile(r"s2l_monai.prior - INFO - (class prior .*)$")
+
+
+def parse_ensembles(text: str) -> list[dict[str, float]]:
+    """One dict per ensemble logged by ``EMAEnsembleHandler``: epoch, step, items, seconds, coverage (share)."""
+    return [{"epoch": int(m.group(1)), "step": int(m.group(2)), "items": int(m.group(3)),
+             "seconds": float(m.group(4)), "coverage": float(m.group(5)) / 100}
+            for m in ENSEMBLE_LINE.finditer(text)]
 
 
 def parse_log(text: str) -> tuple[dict[int, dict[str, float]], dict[int, float]]:
@@ -65,17 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     if result.returncode != 0:
         print(f"training failed, see {work / 'train.log'}", file=sys.stderr)
         return 1
-    metrics, times = parse_log((work / "train.log").read_text(errors="replace"))
+    log_text = (work / "train.log").read_text(errors="replace")
+    metrics, times = parse_log(log_text)
     config = json.loads((REPO / "configs" / "train.json").read_text())
     n_train = len(json.loads((work / "data" / "datalist.json").read_text())["training"])
-    patches_per_epoch = n_train * int(config["num_samples"])
-
-    ensembles = {e: m["ensemble_seconds"] for e, m in metrics.items()
-                 if e % int(config["ema_every"]) == 0 and "ensemble_seconds" in m}
-    ensemble_total = sum(ensembles.values())
+    ensembles = parse_ensembles(log_text)
+    ensemble_total = sum(e["seconds"] for e in ensembles)
     epoch_total = sum(times.values())
     train_only = epoch_total - ensemble_total
-    patches_per_second = patches_per_epoch * len(times) / train_only if train_only > 0 else float("nan")
+    steps = int(config["max_steps"])
+    patches_per_second = steps * int(config["batch_size"]) / train_only if train_only > 0 else float("nan")
+    schedule = SCHEDULE_LINE.search(log_text)
+    prior = PRIOR_LINE.search(log_text)
 
     eval_cmd = [py, "-m", "monai.bundle", "run", "evaluating", "--config_file",
                 "['configs/inference.json','configs/evaluate.json']", "--dataset_dir", str(work / "data"),
@@ -87,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     otsu = json.loads((work / "otsu" / "summary.json").read_text())
 
     info = machine_info()
-    warmup = int(config["warmup_epochs"])
+    ensemble_epochs = {e["epoch"]: e for e in ensembles}
     rows = [[e, *(f"{metrics[e].get(k, float('nan')):.4f}" for k in ("train_loss", "loss_sp", "loss_up", "omega_g")),
-             f"{metrics[e]['ema_coverage']:.4f}" if e in ensembles else "", f"{ensembles[e]:.2f}" if e in ensembles
-             else ""] for e in sorted(metrics) if e == 1 or e % int(config["ema_every"]) == 0 or e == warmup + 1]
+             f"{ensemble_epochs[e]['coverage']:.4f}" if e in ensemble_epochs else "",
+             f"{ensemble_epochs[e]['seconds']:.2f}" if e in ensemble_epochs else ""]
+            for e in sorted(metrics) if e == 1 or e in ensemble_epochs or e == max(metrics)]
     summary_rows = [[name, *(f"{res.get(k, float('nan')):.4f}" for k in ("iou", "mdice", "dsb", "pq", "aji"))]
                     for name, res in (("Scribble2Label (default run, watershed)", s2l), ("Otsu threshold", otsu))]
     text = "\n".join([
@@ -100,15 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         f"(measured by `python benchmarks/default_run.py`, with `--dataset_dir/--output_dir/--ckpt_dir` in {work})",
         f"- date: {now_iso()}, commit {git_commit(REPO)}",
         f"- machine: {machine_line(info)}",
-        f"- wall time (synthetic data generation + {len(times)} epochs + checkpoints): **{result.seconds:.0f} s**",
+        f"- wall time (synthetic data generation + {steps} steps in {len(times)} epochs + checkpoints): "
+        f"**{result.seconds:.0f} s**",
         f"- peak RSS of the process tree (main process + data-loader workers): **{result.peak_rss_mb:.0f} MB**",
         f"- training patches per second ({'x'.join(map(str, config['roi_size']))}, batch {config['batch_size']}, "
         f"excluding ensembles): **{patches_per_second:.1f}**",
         f"- time in EMA ensembles: **{ensemble_total:.1f} s of {epoch_total:.1f} s of epochs "
         f"({100 * ensemble_total / epoch_total:.1f}%)**, {len(ensembles)} ensembles over {n_train} images",
-        f"- warm-up: epochs 1-{warmup}; L_up is added from epoch {warmup + 1}",
+        f"- {schedule.group(1) if schedule else 'schedule: not logged'}",
+        f"- {prior.group(1) if prior else 'class prior: not logged'}",
         "",
-        "## Per epoch (first, every ensemble epoch, first epoch after warm-up)",
+        "## Per epoch (first, every epoch with an ensemble (its coverage and time), last)",
         "",
         markdown_table(["epoch", "train_loss", "loss_sp", "loss_up", "omega_g", "ema_coverage", "ensemble s"], rows),
         "",

@@ -155,3 +155,9 @@ def test_pseudo_class_weights_weight_the_pseudo_label_term():
     assert fn.terms["omega_g"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="pseudo_class_weights"):
         ScribbleLoss(pseudo_class_weights=[0.0, 0.0])
+
+
+def test_terms_report_crf_zero_when_off():
+    fn = ScribbleLoss()
+    fn(_logits(), torch.tensor([[[[1, U, 0]]]], dtype=torch.float32))
+    assert fn.terms["loss_crf"] == 0.0 and fn.crf_weight == 0.0

@@ -11,7 +11,9 @@ this subclass only changes what it is given:
   default) with a fresh optimiser and schedule; the EMA pseudo-label store of earlier runs
   (``<bundle>/runs/monailabel/train/ema``, keyed by image id) is reused for every image whose content did not
   change (:func:`lib.training_set.refresh_ema_store`);
-* Scribble2Label's hyper-parameters can be set per request (``max_epochs``, ``warmup_epochs``, ``ema_every``, ...).
+* Scribble2Label's hyper-parameters can be set per request. The bundle's schedule is a step budget
+  (``max_steps``) with warm-up and ensembles as shares of it; MONAI Label's ``max_epochs`` option (and
+  ``warmup_epochs``, ``ema_every``, ``ema_alpha``) override it in epochs when given (0 or empty: the bundle's own).
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ logger = logging.getLogger(__name__)
 
 #: Request keys passed to the bundle as top-level overrides, with their types.
 HYPER_PARAMETERS: dict[str, type] = {
-    "warmup_epochs": int,
-    "ema_every": int,
-    "ema_alpha": float,
+    "max_steps": int,
+    "max_train_seconds": float,
+    "warmup_share": float,
+    "ensemble_share": float,
+    "ema_memory_share": float,
     "tau": float,
     "lambda_up": float,
     "learning_rate": float,
@@ -45,6 +49,9 @@ HYPER_PARAMETERS: dict[str, type] = {
     "seed": int,
     "in_channels": int,
 }
+#: The paper's epoch keys: overrides of the step schedule, passed only when a request sets them (``max_epochs`` 0
+#: and empty values mean unset).
+EPOCH_OVERRIDES: dict[str, type] = {"max_epochs": int, "warmup_epochs": int, "ema_every": int, "ema_alpha": float}
 
 
 class ScribbleTrainTask(BundleTrainTask):
@@ -62,13 +69,16 @@ class ScribbleTrainTask(BundleTrainTask):
         self._dataset: tuple[Path, bool] | None = None
 
     def config(self) -> dict[str, Any]:
-        """Options shown by viewers: MONAI Label's, with the bundle's defaults for epochs and S2L's parameters."""
+        """Options shown by viewers: MONAI Label's, the bundle's step budget and S2L's parameters; the epoch keys
+        default to 0 (= use the step schedule)."""
         options = super().config()
         for key in ("val_split", "multi_gpu", "gpus", "tracking", "tracking_uri", "tracking_experiment_name"):
             options.pop(key, None)
-        options["max_epochs"] = int(self.bundle_config.get_parsed_content("max_epochs"))
         for key in HYPER_PARAMETERS:
             options[key] = self.bundle_config.get_parsed_content(key)
+        for key in EPOCH_OVERRIDES:
+            options[key] = self.bundle_config.get_parsed_content(key)
+        options["max_epochs"] = options["max_epochs"] or 0  # viewers send a number; 0 = the bundle's step budget
         return options
 
     def _fetch_datalist(self, request: dict[str, Any], datastore: Datastore) -> list[dict[str, Any]]:
@@ -112,8 +122,6 @@ class ScribbleTrainTask(BundleTrainTask):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         self._request = dict(request)
-        if not self._request.get("max_epochs"):
-            self._request["max_epochs"] = int(self.bundle_config.get_parsed_content("max_epochs"))
         if not self._request.get("run_id"):
             self._request["run_id"] = "run"  # viewers send the option's empty default
         return super().__call__(self._request, datastore)
@@ -131,13 +139,19 @@ class ScribbleTrainTask(BundleTrainTask):
                 "datalist_name": datalist.name,
                 "output_dir": str(self.work_dir / "train"),
                 "ckpt_dir": str(Path(self.bundle_path) / "models"),
-                "max_epochs": int(self._request["max_epochs"]),
                 "slice_axis": 0 if volumes else None,
+                # BundleTrainTask sets the trainer's epochs itself (50 by default); the schedule decides them here
+                self.const.key_train_trainer_max_epochs(): "$@schedule.max_epochs",
             }
         )
         for key, cast in HYPER_PARAMETERS.items():
             if self._request.get(key) is not None:
                 overrides[key] = cast(self._request[key])
+        for key, cast in EPOCH_OVERRIDES.items():
+            value = self._request.get(key)
+            if value is None or value == "" or (key == "max_epochs" and not value):
+                continue  # unset: the step schedule of the bundle
+            overrides[key] = cast(value)
         logger.info(f"Bundle overrides: { {k: v for k, v in overrides.items() if k != 'train#handlers'} }")
         return overrides
 
