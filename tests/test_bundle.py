@@ -90,3 +90,19 @@ def test_time_budget_ends_the_run_and_saves(trained):
     ckpt = torch.load(root / "models_budget" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
     assert ckpt["trainer"]["iteration"] == int(m.group(1)) and ckpt["schedule"]["seconds"] >= 8
     assert (root / "models_budget" / "model.pt").is_file()
+
+
+def test_pretrained_weights_start_the_network(trained):
+    """``--pretrained_weights``: the network starts from a saved ``model.pt`` (one flag for fine-tuning); with a
+    learning rate of 0 the saved model is exactly the one it started from."""
+    root, common, _ = trained
+    pairs = dict(zip(common[::2], common[1::2]))
+    pairs.update({"--output_dir": str(root / "out_pre"), "--ckpt_dir": str(root / "models_pre")})
+    over = [x for pair in pairs.items() for x in pair]
+    start = root / "models" / "model.pt"
+    proc = _run(*over, "--max_epochs", "1", "--learning_rate", "0", "--pretrained_weights", str(start))
+    assert f"Restored all variables from {start}" in proc.stdout + proc.stderr
+    before = torch.load(start, map_location="cpu")
+    after = torch.load(root / "models_pre" / "model.pt", map_location="cpu")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
