@@ -1,8 +1,10 @@
 """Why a DSB run scored what it did: pixel errors of the test predictions and quality of the EMA pseudo-labels.
 
-Reads the run folders that ``benchmarks/dsb.py`` leaves in its work folder (``runs/<run>/eval_connected/predictions``
-and ``runs/<run>/train/ema``) together with the prepared data's FULL masks, and writes
-``benchmarks/results/dsb_analysis.md``:
+Reads the run folders that ``benchmarks/dsb.py`` leaves in its work folder for a profile
+(``runs_<profile>/<run>/eval_connected/predictions``, ``.../train/ema`` and ``.../train/class_prior.json``; profile
+``default`` unless ``--profile``) together with the prepared data's FULL masks, and writes
+``benchmarks/results/dsb_analysis.md`` (other modalities or ratios: ``dsb_analysis_<modality>_<ratio>.md``; other
+profiles: a ``_<profile>`` suffix):
 
 1. per run, on the test split: pooled pixel precision and recall of the semantic mask, the predicted foreground
    area over the true one (> 1: over-segmentation), mean per-image IoU, and the same IoU on the 256x256 images
@@ -11,7 +13,9 @@ and ``runs/<run>/train/ema``) together with the prepared data's FULL masks, and 
    unlabelled-pixel loss, i.e. the share of unscribbled pixels whose averaged probability passes tau (coverage),
    the accuracy of those pseudo-labels against the full masks, split into foreground and background precision;
 3. per scribble ratio, on the training images: the share of scribbled pixels that are foreground against the
-   share of all pixels that are foreground in the full masks (the class prior the scribble losses see).
+   share of all pixels that are foreground in the full masks (the class prior the scribble losses see);
+4. per run that estimated its class weights from the scribbles (``class_weights "auto"``): the foreground share it
+   estimated and the weights it chose, beside the true share from the full masks.
 
 The full masks are used here for diagnosis only; training never sees them (except in the Full baseline).
 
@@ -19,6 +23,7 @@ Usage::
 
     .venv/bin/python benchmarks/dsb_analysis.py --work /tmp/s2l_dsb [--modality fluorescence --ratio 30]
     .venv/bin/python benchmarks/dsb_analysis.py --work /tmp/s2l_dsb --modality brightfield   # -> ..._brightfield_30.md
+    .venv/bin/python benchmarks/dsb_analysis.py --work /tmp/s2l_dsb --profile paper-short     # -> ..._paper-short.md
 """
 
 from __future__ import annotations
@@ -138,11 +143,33 @@ def scribble_balance(data_dir: Path, ratios: Sequence[str] = ("10", "30", "50", 
     return rows
 
 
-def analyse(work: Path, modality: str, ratio: str, profile: str = "cpu") -> tuple[list[list[Any]], list[list[Any]]]:
-    """Rows of the two tables for the runs of ``modality`` at ``ratio`` (and that modality's Full runs)."""
+def prior_row(label: str, prior: dict[str, Any], true_fg_share: float | None) -> list[Any]:
+    """One row of the estimated-prior table: run, items read, scribble fg share, estimated and true image fg share,
+    the class weights the run used."""
+    weights = prior.get("class_weights")
+    return [label, prior.get("items", common.DASH), common.fmt(prior.get("scribble_foreground_share"), 3),
+            common.fmt(prior.get("image_foreground_share"), 3), common.fmt(true_fg_share, 3),
+            common.DASH if not isinstance(weights, list) else "[" + ", ".join(f"{w:g}" for w in weights) + "]"]
+
+
+def _true_fg_share(data_dir: Path, datalist_name: str) -> float | None:
+    from s2l_monai.data.balance import scribble_class_balance
+
+    path = data_dir / datalist_name
+    try:
+        return scribble_class_balance(path).label_foreground_share if path.is_file() else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def analyse(work: Path, modality: str, ratio: str, profile: str = "default"
+            ) -> tuple[list[list[Any]], list[list[Any]], list[list[Any]]]:
+    """Rows of the three per-run tables (test errors, EMA pseudo-labels, estimated class prior) for the runs of
+    ``modality`` at ``ratio`` (and that modality's Full runs)."""
     data_dir = work / "data" / modality
     datalist = json.loads((data_dir / f"datalist_{ratio}.json").read_text())
-    test_rows, ema_rows = [], []
+    test_rows, ema_rows, prior_rows = [], [], []
+    true_share: dict[str, float | None] = {}
     runs = sorted(p for p in dsb.runs_dir(work, profile).glob(f"dsb_{SHORT[modality]}_*") if RUN_RE.match(p.name))
     for run in runs:
         m = RUN_RE.match(run.name)
@@ -152,6 +179,12 @@ def analyse(work: Path, modality: str, ratio: str, profile: str = "cpu") -> tupl
         if not pred_dir.is_dir():
             continue
         label = f"{m['method']} (seed {m['seed']})"
+        prior = dsb.read_class_prior(run)
+        if prior is not None:
+            name = f"datalist_{m['ratio']}.json"
+            if name not in true_share:
+                true_share[name] = _true_fg_share(data_dir, name)
+            prior_rows.append(prior_row(label, prior, true_share[name]))
         e = test_errors(pred_dir, data_dir, datalist["test"])
         test_rows.append([label, common.fmt(e["precision"], 3), common.fmt(e["recall"], 3),
                           common.fmt(e["area_ratio"], 3), common.fmt(e["iou"], 3),
@@ -165,7 +198,7 @@ def analyse(work: Path, modality: str, ratio: str, profile: str = "cpu") -> tupl
             ema_rows.append([label, tau, common.fmt(q["coverage"], 3), common.fmt(q["accuracy"], 4),
                              common.fmt(q["fg_precision"], 3), common.fmt(q["bg_precision"], 4),
                              common.fmt(q["fg_share"], 3)])
-    return test_rows, ema_rows
+    return test_rows, ema_rows, prior_rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,11 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/s2l_dsb"), help="benchmarks/dsb.py's work folder")
     p.add_argument("--modality", default="fluorescence", choices=sorted(SHORT))
     p.add_argument("--ratio", default="30", help="scribble ratio tag of the runs (10, 30, 50, 100)")
-    p.add_argument("--profile", default="cpu", choices=sorted(dsb.PROFILES),
-                   help="benchmarks/dsb.py profile whose run folders to read (default cpu)")
+    p.add_argument("--profile", default="default", choices=sorted(dsb.PROFILES),
+                   help="benchmarks/dsb.py profile whose run folders to read (default: default)")
     p.add_argument("--out", type=Path, default=None,
-                   help="report (default results/dsb_analysis.md for fluorescence at 30%%, else "
-                        "results/dsb_analysis_<modality>_<ratio>.md)")
+                   help="report (default results/dsb_analysis.md for fluorescence at 30%% and the default "
+                        "profile, else results/dsb_analysis_<modality>_<ratio>[_<profile>].md)")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = DEFAULT_OUT.with_name(dsb.analysis_name(args.modality, [args.profile], args.ratio))
@@ -186,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dsb_analysis.py: no runs under {args.work}; run benchmarks/dsb.py first", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    test_rows, ema_rows = analyse(args.work, args.modality, args.ratio, args.profile)
+    test_rows, ema_rows, prior_rows = analyse(args.work, args.modality, args.ratio, args.profile)
     balance_rows = scribble_balance(args.work / "data" / args.modality)
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -227,6 +260,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         common.markdown_table(["ratio", "fg scribbled px", "bg scribbled px", "fg share", "scribbled share",
                                "true fg share", "class weights"], balance_rows) if balance_rows else
         "No datalists found.",
+        "",
+        "## Training images: the class prior each run estimated from its scribbles (`class_weights \"auto\"`)",
+        "",
+        "From the run's `train/class_prior.json`: items read, foreground share of the scribbled pixels, the image",
+        "foreground share estimated from the scribbles alone (per-image intensity threshold), the true share in",
+        "the full masks of the same datalist, and the class weights [background, foreground] the run trained with.",
+        "",
+        common.markdown_table(["run", "items", "scribble fg share", "estimated fg share", "true fg share",
+                               "class weights"], prior_rows) if prior_rows else
+        "No run estimated its class weights (no `train/class_prior.json`).",
         "",
     ]
     common.write_text_atomic(args.out, "\n".join(lines))

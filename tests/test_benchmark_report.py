@@ -23,7 +23,7 @@ def fake(dataset: str, ratio: float | None, method: str, seed: int | None, iou: 
         "dataset": dataset, "ratio": ratio, "method": method, "seed": seed, "iou": iou, "mdice": mdice,
         "dsb_score": dsb_cc, "pq": 0.6, "train_seconds": 100.0, "peak_rss_mb": 900.0,
         "images_per_second": 12.5, "mdice_paper": 0.81, "aji": 0.55, "f1_50": 0.7,
-        "dsb_score_watershed": dsb_ws, "pq_watershed": 0.62, "profile": "cpu",
+        "dsb_score_watershed": dsb_ws, "pq_watershed": 0.62, "profile": "default",
     }
     rec.update(extra)
     return rec
@@ -34,16 +34,28 @@ def fake(dataset: str, ratio: float | None, method: str, seed: int | None, iou: 
 
 def test_plan_order_and_size() -> None:
     plan = dsb.build_plan()
-    first = [(r.modality, r.ratio, r.method, r.seed) for r in plan[:4]]
-    assert first == [("fluorescence", 0.3, "s2l", 0), ("fluorescence", 0.3, "pce", 0),
-                     ("fluorescence", 0.3, "pseudo", 0), ("fluorescence", None, "full", 0)]
+    ids = [r.run_id for r in plan]
+    # DSB-Fluo 30%: seed 0 of all three scribble methods first, then seed 1, then seed 2; then Full and Otsu
+    assert ids[:13] == [
+        "fluorescence:30:s2l:0", "fluorescence:30:pce:0", "fluorescence:30:pseudo:0",
+        "fluorescence:30:s2l:1", "fluorescence:30:pce:1", "fluorescence:30:pseudo:1",
+        "fluorescence:30:s2l:2", "fluorescence:30:pce:2", "fluorescence:30:pseudo:2",
+        "fluorescence:full:full:0", "fluorescence:full:otsu:-", "fluorescence:10:s2l:0",
+        "brightfield:30:s2l:0",
+    ]
+    for modality in ("brightfield", "histopathology"):
+        i = ids.index(f"{modality}:30:s2l:0")
+        assert ids[i:i + 5] == [f"{modality}:30:s2l:0", f"{modality}:30:pce:0", f"{modality}:30:pseudo:0",
+                                f"{modality}:full:full:0", f"{modality}:full:otsu:-"]
+    assert ids.index("histopathology:full:otsu:-") + 1 == ids.index("fluorescence:30:rloss:0")
+    # Table 2's 50% and 100% last
+    assert ids[-6:] == [f"fluorescence:{r}:{m}:0" for r in (50, 100) for m in ("s2l", "pce", "pseudo")]
     trainings = [r for r in plan if r.method != "otsu"]
-    assert len(trainings) == 25
+    assert len(trainings) == 26 and len(plan) == 29
     assert len({r.key for r in plan}) == len(plan)
     assert sorted(r.dataset for r in plan if r.method == "otsu") == ["dsb_bf", "dsb_fluo", "dsb_histo"]
-    fluo30 = {(r.method, r.seed) for r in plan if r.dataset == "dsb_fluo" and r.ratio == 0.3}
-    assert fluo30 == {(m, s) for m in ("s2l", "pce", "pseudo") for s in (0, 1)}
-    assert {r.seed for r in plan if r.method == "full" and r.dataset == "dsb_fluo"} == {0, 1}
+    assert [r.run_id for r in plan if r.method == "rloss"] == ["fluorescence:30:rloss:0"]
+    assert {r.seed for r in plan if r.method == "full"} == {0}
 
 
 def test_only_patterns() -> None:
@@ -51,7 +63,7 @@ def test_only_patterns() -> None:
     sel = dsb.select_plan(plan, ["fluorescence:30:pce:0"])
     assert [r.run_id for r in sel] == ["fluorescence:30:pce:0"]
     sel = dsb.select_plan(plan, ["dsb_fluo:*:s2l:*"])
-    assert {r.ratio for r in sel} == {0.1, 0.3, 0.5, 1.0} and len(sel) == 5
+    assert {r.ratio for r in sel} == {0.1, 0.3, 0.5, 1.0} and len(sel) == 6
     assert [r.run_id for r in dsb.select_plan(plan, ["brightfield:full:otsu:-"])] == ["brightfield:full:otsu:-"]
     with pytest.raises(ValueError):
         dsb.select_plan(plan, ["fluorescence:30:s2l"])
@@ -112,54 +124,127 @@ def test_make_record_has_required_keys() -> None:
     assert rec["dsb_score"] == 0.4 and rec["dsb_score_watershed"] == 0.45 and rec["pq_watershed"] == 0.55
 
 
-def test_commands_are_overrides_of_train_json(tmp_path: Path) -> None:
-    pce = dsb.train_command(dsb.RunSpec("fluorescence", 0.3, "pce", 1), "cpu", tmp_path, tmp_path / "r")
-    assert pce[pce.index("--config_file") + 1] == "configs/train.json"
+def _parsed(cmd: list[str], key: str):
+    """The value of ``--key`` as python-fire (the MONAI bundle CLI) hands it to the config."""
+    import fire
+
+    return fire.Fire(lambda **kw: kw[key], command=[f"--{key}", cmd[cmd.index(f"--{key}") + 1]])
+
+
+def test_default_profile_adds_only_the_method_overrides(tmp_path: Path) -> None:
+    """``default``: configs/train.json as it is; every flag after the run's own (data, folders, seed, channels) is
+    one of the method's overrides."""
+    own = {"--config_file", "--dataset_dir", "--datalist_name", "--output_dir", "--ckpt_dir", "--seed",
+           "--in_channels"}
+    for method in ("s2l", "pce", "pseudo", "rloss", "full"):
+        run = dsb.RunSpec("brightfield", None if method == "full" else 0.3, method, 1)
+        cmd = dsb.train_command(run, "default", tmp_path, tmp_path / "r")
+        assert cmd[cmd.index("--config_file") + 1] == "configs/train.json"
+        flags = {c for c in cmd if c.startswith("--")}
+        assert flags - own == {f"--{k}" for k in dsb.METHOD_OVERRIDES[method]}
+        for key, value in dsb.METHOD_OVERRIDES[method].items():
+            assert _parsed(cmd, key) == value
+    s2l = dsb.train_command(dsb.RunSpec("fluorescence", 0.1, "s2l", 0), "default", tmp_path, tmp_path / "r")
+    assert not {c for c in s2l if c.startswith("--")} - own  # no override at all
+    assert s2l[s2l.index("--datalist_name") + 1] == "datalist_10.json"
+    pce = dsb.train_command(dsb.RunSpec("fluorescence", 0.3, "pce", 1), "default", tmp_path, tmp_path / "r")
     assert pce[pce.index("--lambda_up") + 1] == "0" and pce[pce.index("--seed") + 1] == "1"
-    assert pce[pce.index("--datalist_name") + 1] == "datalist_30.json"
-    assert pce[pce.index("--roi_size") + 1] == "[128,128]"
-    full = dsb.train_command(dsb.RunSpec("histopathology", None, "full", 0), "paper", tmp_path, tmp_path / "r")
+    rloss = dsb.train_command(dsb.RunSpec("fluorescence", 0.3, "rloss", 0), "default", tmp_path, tmp_path / "r")
+    assert _parsed(rloss, "crf_weight") == 1.0 and _parsed(rloss, "lambda_up") == 0
+    assert _parsed(rloss, "ema_every") == 100000
+    full = dsb.train_command(dsb.RunSpec("histopathology", None, "full", 0), "default", tmp_path, tmp_path / "r")
     assert full[full.index("--datalist_name") + 1] == "datalist_full.json"
     assert full[full.index("--in_channels") + 1] == "3"
-    assert full[full.index("--config_file") + 1] == "['configs/train.json','configs/paper.json']"
-    pseudo = dsb.train_command(dsb.RunSpec("brightfield", 0.3, "pseudo", 0), "cpu", tmp_path, tmp_path / "r")
-    assert pseudo[pseudo.index("--ema_alpha") + 1] == "1.0"
-    assert pseudo[pseudo.index("--num_samples") + 1] == str(dsb.CPU_MODALITY_OVERRIDES["brightfield"]["num_samples"])
-    s2l = dsb.train_command(dsb.RunSpec("fluorescence", 0.1, "s2l", 0), "cpu", tmp_path, tmp_path / "r")
-    assert "--lambda_up" not in s2l and "--ema_alpha" not in s2l
-    assert "--class_weights" not in s2l  # the cpu profile keeps the paper's unweighted loss
+    assert _parsed(full, "class_weights") is None and _parsed(full, "pseudo_class_weights") is None
+    pseudo = dsb.train_command(dsb.RunSpec("brightfield", 0.3, "pseudo", 0), "default", tmp_path, tmp_path / "r")
+    assert _parsed(pseudo, "ema_alpha") == 1.0
+    # each profile trains in its own folder and writes its own results; default -> dsb.json
+    assert dsb.runs_dir(tmp_path, "default") == tmp_path / "runs_default"
+    assert dsb.runs_dir(tmp_path, "paper-short") == tmp_path / "runs_paper-short"
+    assert dsb.default_results("default", False, tmp_path) == dsb.RESULTS_DIR / "dsb.json"
+    assert dsb.default_results("paper-short", False, tmp_path).name == "dsb_paper-short.json"
+    assert dsb.default_results("default", True, tmp_path) == tmp_path / "results_smoke" / "dsb.json"
+    assert dsb.build_parser().parse_args([]).profile == "default"
+    assert set(dsb.PROFILES) == {"default", "paper", "paper-short", "paper-short-balanced"}
 
 
-def test_evaluation_uses_the_network_of_its_training_profile(tmp_path: Path) -> None:
+def test_gpu_profiles_keep_their_recipe(tmp_path: Path) -> None:
     run = dsb.RunSpec("fluorescence", 0.3, "s2l", 0)
-    for profile in ("paper", "paper-short"):
+    for profile in ("paper", "paper-short", "paper-short-balanced"):
         cmd = dsb.eval_command(run, profile, tmp_path, tmp_path / "m.pt", tmp_path / "o", "connected")
         configs = cmd[cmd.index("--config_file") + 1]
         assert configs == "['configs/inference.json','configs/evaluate.json','configs/paper.json']"
-    cmd = dsb.eval_command(run, "cpu", tmp_path, tmp_path / "m.pt", tmp_path / "o", "watershed")
+        train = dsb.train_command(run, profile, tmp_path, tmp_path / "r")
+        assert train[train.index("--config_file") + 1] == "['configs/train.json','configs/paper.json']"
+    cmd = dsb.eval_command(run, "default", tmp_path, tmp_path / "m.pt", tmp_path / "o", "watershed")
     assert "paper.json" not in cmd[cmd.index("--config_file") + 1]
     short = dsb.train_command(run, "paper-short", tmp_path, tmp_path / "r")
     assert short[short.index("--max_epochs") + 1] == "100" and short[short.index("--warmup_epochs") + 1] == "30"
     assert "--roi_size" not in short  # the paper's 256x256 crops come from configs/paper.json
+    balanced = dsb.train_command(run, "paper-short-balanced", tmp_path, tmp_path / "r")
+    assert _parsed(balanced, "class_weights") == [3.0, 1.0] and _parsed(balanced, "max_train_seconds") == 190
+    full = dsb.train_command(dsb.RunSpec("fluorescence", None, "full", 0), "paper-short-balanced", tmp_path,
+                             tmp_path / "r")
+    assert _parsed(full, "class_weights") is None  # the method's override wins over the profile's
 
 
-def test_balanced_profile_weights_scribble_methods_not_full(tmp_path: Path) -> None:
-    import fire
+def test_training_volume_by_hand() -> None:
+    """10 training images, batch 16 of 4 patches per image: 4 images a step, 3 steps an epoch (4 + 4 + 2)."""
+    cfg = {"batch_size": 16, "num_samples": 4, "max_steps": 1200, "max_epochs": None}
+    # 7 steps = 2 epochs (20 images) + 1 step of 4 images = 24 images = 96 patches
+    assert dsb.training_volume(10, cfg, 7, 3) == {"steps": 7, "epochs": 2.33, "patches": 96}
+    # no trainer state: the configured budget, in steps (1200 = 400 epochs of 10 images)
+    assert dsb.training_volume(10, cfg, None, None) == {"steps": 1200, "epochs": 400.0, "patches": 16000}
+    # an epoch override: max_epochs x steps per epoch
+    assert dsb.training_volume(10, {**cfg, "max_epochs": 2}, None, None) == {"steps": 6, "epochs": 2.0,
+                                                                              "patches": 80}
+    assert dsb.training_volume(10, {"batch_size": 16, "num_samples": 4}, None, None)["steps"] is None
 
-    def parsed(cmd: list[str], key: str):
-        # the value as python-fire (the MONAI bundle CLI) hands it to the config
-        return fire.Fire(lambda **kw: kw[key], command=[f"--{key}", cmd[cmd.index(f"--{key}") + 1]])
 
-    for method in ("s2l", "pce", "pseudo"):
-        cmd = dsb.train_command(dsb.RunSpec("fluorescence", 0.3, method, 0), "cpu-balanced", tmp_path, tmp_path / "r")
-        assert parsed(cmd, "class_weights") == [3.0, 1.0] and parsed(cmd, "pseudo_class_weights") == [3.0, 1.0]
-        assert cmd[cmd.index("--max_epochs") + 1] == "9"  # the cpu budget
-    full = dsb.train_command(dsb.RunSpec("fluorescence", None, "full", 0), "cpu-balanced", tmp_path, tmp_path / "r")
-    assert parsed(full, "class_weights") is None and parsed(full, "pseudo_class_weights") is None
-    # each profile trains in its own folder, so a balanced run never reuses an unweighted training
-    assert dsb.runs_dir(tmp_path, "cpu") == tmp_path / "runs"
-    assert dsb.runs_dir(tmp_path, "cpu-balanced") == tmp_path / "runs_cpu-balanced"
-    assert dsb.default_results("cpu-balanced", False, tmp_path).name == "dsb_cpu-balanced.json"
+def test_class_prior_is_read_from_the_run_folder(tmp_path: Path) -> None:
+    assert dsb.read_class_prior(tmp_path) is None
+    (tmp_path / "train").mkdir()
+    prior = {"items": 200, "scribble_foreground_share": 0.36, "image_foreground_share": 0.14,
+             "class_weights": [3.46, 1.0]}
+    (tmp_path / "train" / "class_prior.json").write_text(json.dumps(prior))
+    prior = dsb.read_class_prior(tmp_path)
+    assert prior is not None and prior["class_weights"] == [3.46, 1.0]
+    run = dsb.RunSpec("fluorescence", 0.3, "s2l", 0)
+    rec = dsb.make_record(run, {"iou": 0.8}, {}, {"train_seconds": 1.0, "steps": 1200, "epochs": 14.63,
+                                                   "class_prior": prior, "overrides": {}}, {"profile": "default"})
+    assert rec["steps"] == 1200 and rec["class_prior"]["class_weights"] == [3.46, 1.0]
+    assert dsb.class_weights_cell(rec) == "auto [3.46, 1]"
+    assert dsb.class_weights_cell({"overrides": {"class_weights": None}}) == "none"
+    assert dsb.class_weights_cell({"overrides": {"class_weights": [3.0, 1.0]}}) == "[3, 1]"
+    assert dsb.class_weights_cell({"method": "otsu"}) == "–"
+    table = dsb.records_table([{**rec, "mdice": 0.7}])
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    row = [c.strip() for c in table.splitlines()[2].strip("|").split("|")]
+    assert row[header.index("steps")] == "1200" and row[header.index("class w.")] == "auto [3.46, 1]"
+    # archived records know their steps as "iterations"
+    archived = {k: v for k, v in rec.items() if k != "steps"}
+    old = dsb.records_table([{**archived, "iterations": 738}]).splitlines()[2]
+    assert [c.strip() for c in old.strip("|").split("|")][header.index("steps")] == "738"
+
+
+def test_recipe_line_reads_the_configs() -> None:
+    """The report says what the default recipe is, from configs/train.json, not from constants in dsb.py."""
+    import math
+
+    cfg = json.loads((REPO_ROOT / "configs" / "train.json").read_text())
+    line = dsb.recipe_line("default")
+    for key in ("max_steps", "batch_size", "warmup_share", "ensemble_share"):
+        if cfg.get(key) is not None and cfg.get("max_epochs") is None:
+            assert f"`{key} {cfg[key]}" in line
+    if isinstance(cfg.get("ema_memory_share"), float) and cfg.get("ema_alpha") is None:
+        alpha = 1 - math.exp(-min(cfg["ensemble_share"], 1.0) / cfg["ema_memory_share"])
+        assert f"(ema_alpha {alpha:.3f})" in line
+    assert f"`class_weights {cfg['class_weights']}`" in line
+    paper = dsb.recipe_line("paper")
+    assert "`max_epochs 300`" in paper and "max_steps" not in paper and "`ema_alpha 0.2`" in paper
+    assert "ema_memory_share" not in paper and "`class_weights null`" in paper
+    md = dsb.render_report([], {"profile": "default"})
+    assert "- **Default recipe** (configs/train.json at report time" in md and line in md
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -186,6 +271,9 @@ def test_report_tables(tmp_path: Path) -> None:
     assert cells[1] == "–" and cells[2] == "0.8236 [0.7663]"
     assert cells[3].startswith("0.8500±0.0141") and cells[4] == "0.8426 [0.8443]"
     assert cells[5] == "–"
+    rloss_row = next(line for line in t1.splitlines() if line.startswith("| rLoss (CRF loss)"))
+    assert [c.strip() for c in rloss_row.strip("|").split("|")][1:] == [
+        "–", "0.7993 [0.7280]", "–", "0.8334 [0.8394]", "–", "0.7873 [0.7177]"]
     otsu_row = next(line for line in t1.splitlines() if line.startswith("| Otsu"))
     assert "0.8200 [0.8000]" in otsu_row
     t2 = md.split("## Table 2")[1].split("## All records")[0]
@@ -201,47 +289,98 @@ def test_write_report_next_to_json(tmp_path: Path) -> None:
     md = dsb.write_report(path, {"command": "c", "machine": common.machine_info(False)})
     assert md == tmp_path / "dsb.md" and "0.8600" in md.read_text()
     assert "Other profiles" not in md.read_text()
-    other = tmp_path / "dsb_cpu-balanced.json"
+    other = tmp_path / "dsb_paper-short.json"
     common.append_record(other, fake("dsb_fluo", 0.3, "s2l", 0, 0.7), dsb.KEY_FIELDS)
     dsb.write_report(other, {"command": "c", "machine": common.machine_info(False)})
     md = dsb.write_report(path, {"command": "c", "machine": common.machine_info(False)})
-    assert "- **Other profiles:** `dsb_cpu-balanced.md`" in md.read_text()
+    assert "- **Other profiles:** `dsb_paper-short.md`" in md.read_text()
     assert dsb.main(["--report-only", "--results", str(path)]) == 0
 
 
-def _status(records: list[dict]) -> dict[str, str]:
-    return {name.split(" ")[0] + ":" + name.split(" ")[2]: status for name, status, _ in dsb.check_targets(records)}
+def _targets(records: list[dict]) -> list[tuple[str, str]]:
+    return [(status, measured) for _, status, measured in dsb.check_targets(records)]
 
 
-def test_targets_not_measured_without_records() -> None:
+def test_targets_pending_without_records() -> None:
     targets = dsb.check_targets([])
-    assert len(targets) == 4
-    assert all(status.startswith("not yet measured") for _, status, _ in targets)
+    assert len(targets) == 9
+    assert all(status == "– pending" for _, status, _ in targets)
+    names = [name for name, _, _ in targets]
+    assert names[0] == "DSB-Fluo 30%: S2L IoU ≥ 0.854" and names[-1] == "Every training ≤ 600 s (2 CPU cores)"
+
+
+def _fluo30(s2l: tuple[float, ...], pce: tuple[float, ...], pseudo: tuple[float, ...], ws: float = 0.56) -> list[dict]:
+    recs = [fake("dsb_fluo", 0.3, "s2l", i, v, dsb_ws=ws) for i, v in enumerate(s2l)]
+    recs += [fake("dsb_fluo", 0.3, "pce", i, v) for i, v in enumerate(pce)]
+    recs += [fake("dsb_fluo", 0.3, "pseudo", i, v) for i, v in enumerate(pseudo)]
+    return recs
+
+
+def test_seed_std_rule_by_hand() -> None:
+    """S2L 0.86/0.84/0.85: mean 0.85, sample std sqrt((0.01² + 0.01² + 0) / 2) = 0.01. Pseudo-label 0.80/0.86:
+    mean 0.83, std 0.06 / sqrt(2) = 0.0424. Lead 0.02: above S2L's own std, not above the larger one -> FAIL."""
+    s2l = _fluo30((0.86, 0.84, 0.85), (), ())
+    pseudo = _fluo30((), (), (0.80, 0.86))
+    lead, std = dsb.seed_std_lead(s2l, pseudo)
+    assert lead == pytest.approx(0.02) and std == pytest.approx(0.06 / 2 ** 0.5)
+    # pCE 0.82/0.83/0.84: mean 0.83, std 0.01; lead 0.02 > 0.01 -> PASS
+    pce = _fluo30((), (0.82, 0.83, 0.84), ())
+    lead, std = dsb.seed_std_lead(s2l, pce)
+    assert lead == pytest.approx(0.02) and std == pytest.approx(0.01)
+    assert dsb.seed_std_lead(s2l, pce[:1]) is None  # one pCE seed: no std
+    status = _targets(s2l + pce + pseudo)
+    assert status[3][0] == "PASS" and "+0.0200" in status[3][1] and "0.0100" in status[3][1]
+    assert status[4][0] == "FAIL" and "larger seed-std 0.0424" in status[4][1]
+    # pCE 0.84/0.845: mean 0.8425, std 0.0035; lead 0.0075 is below S2L's std 0.01, the larger one -> FAIL
+    close = _fluo30((0.86, 0.84, 0.85), (0.84, 0.845), ())
+    assert _targets(close)[3][0] == "FAIL"
+    # two S2L seeds but one pCE seed -> pending, whatever the means
+    assert _targets(_fluo30((0.90, 0.91), (0.5,), ()))[3] == (
+        "– pending", "seeds with a record: S2L 2, pCE-only 1 (≥ 2 each needed)")
 
 
 def test_targets_pass_and_fail() -> None:
-    good = [fake("dsb_fluo", 0.3, "s2l", 0, 0.86, mdice=0.80, dsb_cc=0.5, dsb_ws=0.6),
-            fake("dsb_fluo", 0.3, "s2l", 1, 0.85, mdice=0.80, dsb_cc=0.5, dsb_ws=0.6),
-            fake("dsb_fluo", None, "full", 0, 0.87, mdice=0.78)]
-    for ratio in dsb.RATIOS:
-        if ratio != 0.3:
-            good.append(fake("dsb_fluo", ratio, "s2l", 0, 0.85))
-        good += [fake("dsb_fluo", ratio, "pce", 0, 0.80), fake("dsb_fluo", ratio, "pseudo", 0, 0.79)]
-    statuses = [status for _, status, _ in dsb.check_targets(good)]
-    assert statuses == ["PASS", "PASS", "PASS", "PASS"]
+    # S2L 0.87/0.85/0.86 (mean 0.86 ≥ 0.854); Otsu 0.82 + 0.03 = 0.85 ≤ 0.86; watershed DSB 0.56 ≥ 0.55;
+    # pCE mean 0.83 and Pseudo-label mean 0.835, each std 0.01: leads 0.03 and 0.025 > 0.01
+    good = _fluo30((0.87, 0.85, 0.86), (0.82, 0.83, 0.84), (0.845, 0.825, 0.835))
+    good += [fake("dsb_fluo", None, "otsu", None, 0.82, train_seconds=0.0),
+             fake("dsb_bf", 0.3, "s2l", 0, 0.81), fake("dsb_histo", 0.3, "s2l", 0, 0.80),
+             fake("dsb_fluo", 0.1, "s2l", 0, 0.83), fake("dsb_fluo", None, "full", 0, 0.87, train_seconds=599.0)]
+    status = _targets(good)
+    assert [s for s, _ in status] == ["PASS"] * 9
+    assert status[0][1] == "IoU 0.8600±0.0100 (mean of 3 seed(s))"
+    assert status[1][1] == "S2L 0.8600±0.0100 (n=3) vs Otsu 0.8200 + 0.03 = 0.8500"
+    assert status[2][1] == "DSB score 0.5600±0.0000 (mean of 3 seed(s))"
+    assert status[8][1].startswith("max 599 s (DSB-Fluo full full s0) over 13 training(s)")
+    assert "13 of 26 planned trainings recorded" in status[8][1]
 
     bad = [dict(r) for r in good]
     for r in bad:
-        if r["method"] == "s2l" and r["ratio"] == 0.3:
-            r.update(iou=0.80, mdice=0.70, dsb_score_watershed=0.4)  # below target, below Full, ws worse
-        if r["method"] == "pseudo" and r["ratio"] == 0.5:
-            r["iou"] = 0.95
-    statuses = [status for _, status, _ in dsb.check_targets(bad)]
-    assert statuses == ["FAIL", "FAIL", "FAIL", "FAIL"]
+        if r["method"] == "s2l" and r["dataset"] == "dsb_fluo" and r["ratio"] == 0.3:
+            r.update(iou=r["iou"] - 0.01, dsb_score_watershed=0.5)  # mean 0.85 < 0.854, ws 0.5
+        if r["method"] == "otsu":
+            r["iou"] = 0.84  # 0.84 + 0.03 = 0.87 > 0.85
+        if r["method"] == "pce":
+            r["iou"] += 0.015  # mean 0.845: lead 0.005, below the std 0.01
+        if r["method"] == "pseudo":
+            r["iou"] += 0.02  # mean 0.855, above S2L
+        if r["dataset"] in ("dsb_bf", "dsb_histo"):
+            r["iou"] = 0.7999
+        if r["ratio"] == 0.1:
+            r["iou"] = 0.8299
+        if r["method"] == "full":
+            r["train_seconds"] = 612.0
+    bad.append(fake("dsb_fluo", 0.5, "s2l", 0, 0.85, train_seconds=900.0,
+                    machine={"cores": 16, "gpu": "NVIDIA H200"}))  # a GPU record is not timed against 600 s
+    status = _targets(bad)
+    assert [s for s, _ in status] == ["FAIL"] * 9
+    assert "over: DSB-Fluo full full s0 612 s" in status[8][1] and "900" not in status[8][1]
+    assert "1 record(s) measured on a GPU machine not counted" in status[8][1]
 
-    partial = [r for r in good if r["ratio"] in (0.3, None)]
-    statuses = [status for _, status, _ in dsb.check_targets(partial)]
-    assert statuses[2].startswith("not yet measured (1/4")
+    only_s2l = [r for r in good if r["method"] == "s2l" and r["dataset"] == "dsb_fluo" and r["ratio"] == 0.3]
+    status = _targets(only_s2l[:1])
+    assert status[0] == ("PASS", "IoU 0.8700 (mean of 1 seed(s))")
+    assert status[1][0] == "– pending" and status[3][0] == "– pending" and status[5][0] == "– pending"
 
 
 def test_peak_rss_of_process_tree(tmp_path: Path) -> None:
@@ -307,32 +446,32 @@ def test_em_pseudo_label_quality_by_hand() -> None:
 
 
 def test_gpu_note_only_where_a_record_ran_on_a_gpu() -> None:
-    cpu_rec = {"profile": "cpu-balanced", "machine": {"cores": 2}}
+    cpu_rec = {"profile": "default", "machine": {"cores": 2}}
     gpu_rec = {"profile": "paper-short", "machine": {"cores": 16, "gpu": "NVIDIA H200"}}
-    assert dsb._gpu_note([cpu_rec], ["cpu-balanced"]) == []
-    mixed = [cpu_rec, {**gpu_rec, "profile": "cpu"}]
-    assert "same CPU profile" in " ".join(dsb._gpu_note(mixed, ["cpu", "cpu-balanced"]))
+    assert dsb._gpu_note([cpu_rec], ["default"]) == []
+    mixed = [cpu_rec, {**gpu_rec, "profile": "default"}]
+    assert "use the same recipe" in " ".join(dsb._gpu_note(mixed, ["default"]))
     assert "shared it with the other runs" in " ".join(dsb._gpu_note([gpu_rec], ["paper-short"]))
 
 
 def test_report_points_to_the_analysis_of_its_profile() -> None:
-    assert dsb.analysis_name("fluorescence", ["cpu"]) == "dsb_analysis.md"
-    assert dsb.analysis_name("histopathology", ["cpu-balanced-e12"]) == (
-        "dsb_analysis_histopathology_30_cpu-balanced-e12.md")
-    assert dsb.analysis_name("fluorescence", ["cpu"], "50") == "dsb_analysis_fluorescence_50.md"
-    assert dsb.analysis_name("fluorescence", ["cpu", "cpu-balanced"]) == "dsb_analysis.md"
-    text = dsb.render_report([fake("dsb_fluo", 0.3, "s2l", 0, 0.8, profile="cpu-balanced-e12")], {})
-    assert "`dsb_analysis_cpu-balanced-e12.md` (DSB-Fluo)" in text
+    assert dsb.analysis_name("fluorescence", ["default"]) == "dsb_analysis.md"
+    assert dsb.analysis_name("fluorescence", []) == "dsb_analysis.md"
+    assert dsb.analysis_name("histopathology", ["paper-short"]) == "dsb_analysis_histopathology_30_paper-short.md"
+    assert dsb.analysis_name("fluorescence", ["default"], "50") == "dsb_analysis_fluorescence_50.md"
+    text = dsb.render_report([fake("dsb_fluo", 0.3, "s2l", 0, 0.8, profile="paper-short")], {})
+    assert "`dsb_analysis_paper-short.md` (DSB-Fluo)" in text
+    text = dsb.render_report([fake("dsb_fluo", 0.3, "s2l", 0, 0.8)], {})
+    assert "`dsb_analysis.md` (DSB-Fluo)" in text
 
 
-def test_a05_profile_changes_only_the_s2l_ema_weight() -> None:
-    """``cpu-balanced-e12-a05`` differs from ``cpu-balanced-e12`` by ema_alpha alone, which Pseudo-label overrides
-    (alpha 1) and pCE / Full never use (no ensembles)."""
-    for method in ("s2l", "pce", "pseudo", "full"):
-        run = dsb.RunSpec("fluorescence", None if method == "full" else 0.3, method, 0)
-        base, a05 = dsb.train_overrides(run, "cpu-balanced-e12"), dsb.train_overrides(run, "cpu-balanced-e12-a05")
-        diff = {k for k in set(base) | set(a05) if base.get(k) != a05.get(k)}
-        assert diff == ({"ema_alpha"} if method != "pseudo" else set())
-        assert a05["ema_alpha"] == (1.0 if method == "pseudo" else 0.5)
-        if method in ("pce", "full"):
-            assert a05["lambda_up"] == 0 and a05["ema_every"] > a05["max_epochs"]
+def test_analysis_reads_the_default_profile_runs(tmp_path: Path) -> None:
+    """dsb_analysis.py reads WORK/runs_default by default, and its report of the default profile is
+    results/dsb_analysis.md."""
+    from benchmarks import dsb_analysis
+
+    assert dsb_analysis.main(["--work", str(tmp_path)]) == 2  # no runs_default folder: a message, no report
+    assert dsb_analysis.DEFAULT_OUT.name == dsb.analysis_name("fluorescence", ["default"]) == "dsb_analysis.md"
+    row = dsb_analysis.prior_row("s2l (seed 0)", {"items": 200, "scribble_foreground_share": 0.36,
+                                                  "image_foreground_share": 0.141, "class_weights": [3.4, 1.0]}, 0.14)
+    assert row == ["s2l (seed 0)", 200, "0.360", "0.141", "0.140", "[3.4, 1]"]
