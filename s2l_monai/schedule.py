@@ -229,8 +229,10 @@ class ScheduleHandler:
     """Keep a :class:`TrainingSchedule` in step with a trainer and end the run when the budget is spent.
 
     Attach it before the handlers that read the schedule. It starts the clock at ``STARTED``, records the
-    iteration after every step and calls ``engine.terminate()`` once the progress reaches 1 (``COMPLETED`` still
-    fires, so the final checkpoints are written), and stops the clock at ``COMPLETED``. It logs the schedule once.
+    iteration after every step and, once the progress reaches 1, makes the current epoch the last one (ending it
+    early with ``engine.terminate_epoch()`` when the budget runs out mid-epoch), so ``EPOCH_COMPLETED`` (epoch
+    metrics, checkpoints) and ``COMPLETED`` (final checkpoints) still fire. It stops the clock at ``COMPLETED`` and
+    logs the schedule once.
 
     Args:
         schedule: the schedule.
@@ -239,26 +241,43 @@ class ScheduleHandler:
     def __init__(self, schedule: TrainingSchedule) -> None:
         self.schedule = schedule
         self.logger = logging.getLogger(self.__class__.__name__)
+        self._synced = False
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_STARTED, self.iteration_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def started(self, engine: Engine) -> None:
         self.schedule.start_clock()
-        self.schedule.sync(engine.state.iteration)
+        self._synced = False
         self.logger.info(self.schedule.describe())
+
+    def iteration_started(self, engine: Engine) -> None:
+        # at the first step, not at STARTED: a resumed run's CheckpointLoader restores the iteration (and the
+        # schedule's seconds) at STARTED, possibly after this handler
+        if not self._synced:
+            self.schedule.sync(engine.state.iteration - 1)
+            self._synced = True
 
     def iteration_completed(self, engine: Engine) -> None:
         self.schedule.step = engine.state.iteration
-        if self.schedule.finished():
-            if engine.state.iteration < self.schedule.total_steps:
-                self.logger.info(
-                    f"time budget {self.schedule.max_seconds:.0f} s spent after {engine.state.iteration} of "
-                    f"{self.schedule.total_steps} steps."
-                )
-            engine.terminate()
+        if not self.schedule.finished() or engine.state.max_epochs == engine.state.epoch and self._epoch_end(engine):
+            return
+        if engine.state.iteration < self.schedule.total_steps:
+            self.logger.info(
+                f"time budget {self.schedule.max_seconds:.0f} s spent after {engine.state.iteration} of "
+                f"{self.schedule.total_steps} steps."
+            )
+        # end with this epoch, so that EPOCH_COMPLETED still fires (epoch metrics, checkpoints), then COMPLETED
+        engine.state.max_epochs = engine.state.epoch
+        if not self._epoch_end(engine):
+            engine.terminate_epoch()
+
+    @staticmethod
+    def _epoch_end(engine: Engine) -> bool:
+        return engine.state.epoch_length is not None and engine.state.iteration % engine.state.epoch_length == 0
 
     def completed(self, engine: Engine) -> None:
         self.schedule.stop_clock()
