@@ -87,3 +87,39 @@ def test_train_json_ensemble_inferer(whole: bool, expected: type) -> None:
     if whole:
         assert isinstance(inferer.fallback, SlidingWindowInferer)
         assert inferer.max_pixels == parser["infer_max_pixels"]
+
+
+def test_flip_averaging_equals_the_mean_over_flipped_inputs():
+    """``FlipAveragingInferer``: mean over the four flips of ``F^-1(net(F(x)))``, checked against a net that is not
+    flip-equivariant (it multiplies by a fixed ramp), computed by hand."""
+    from monai.inferers import SimpleInferer
+
+    from s2l_monai.inferers import FlipAveragingInferer
+
+    h, w = 4, 6
+    ramp = torch.arange(h * w, dtype=torch.float32).reshape(1, 1, h, w)
+
+    def net(x):
+        return torch.cat([x * ramp, -x], 1)
+
+    x = torch.randn(2, 1, h, w)
+    out = FlipAveragingInferer(SimpleInferer())(x, net)
+    # F^-1(F(x) * ramp) = x * F^-1(ramp): the flips average the ramp
+    mean_ramp = (ramp + ramp.flip(2) + ramp.flip(3) + ramp.flip(2, 3)) / 4
+    torch.testing.assert_close(out[:, :1], x * mean_ramp)
+    torch.testing.assert_close(out[:, 1:], -x)  # an equivariant channel is unchanged
+    only = FlipAveragingInferer(SimpleInferer(), flips=((),))(x, net)
+    torch.testing.assert_close(only, net(x))
+
+
+def test_inference_config_averages_flips_by_default():
+    from monai.bundle import ConfigParser
+
+    from s2l_monai.inferers import FlipAveragingInferer
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "configs" / "inference.json"))
+    assert parser["test_time_flips"] is True
+    assert isinstance(parser.get_parsed_content("inferer"), FlipAveragingInferer)
+    parser["test_time_flips"] = False
+    assert not isinstance(parser.get_parsed_content("inferer", lazy=False), FlipAveragingInferer)
