@@ -85,9 +85,9 @@ PROFILE_NOTES: dict[str, str] = {
                             " training (a second, shorter call of one GPU lease)",
 }
 #: Profiles whose records compare across machines (the same recipe whatever the device; the schedule is in steps):
-#: a record measured on a lent GPU machine keeps its quality figures, not its times. ``cpu`` is ``em.py``'s CPU
-#: profile, which shares :func:`_gpu_note`.
-SAME_RECIPE_PROFILES: tuple[str, ...] = ("default", "cpu")
+#: a record measured on a lent GPU machine keeps its quality figures, not its times (``em.py`` shares
+#: :func:`_gpu_note`).
+SAME_RECIPE_PROFILES: tuple[str, ...] = ("default",)
 PROFILE_CONFIGS: dict[str, list[str]] = {
     "default": ["configs/train.json"],
     "paper": ["configs/train.json", "configs/paper.json"],
@@ -277,7 +277,11 @@ def pending_runs(plan: Sequence[RunSpec], records: Sequence[dict[str, Any]]) -> 
 
 
 def _cli_value(value: Any) -> str:
-    """An override value as the MONAI bundle CLI (python-fire) parses it back."""
+    """An override value as the MONAI bundle CLI (python-fire) parses it back. ``None`` becomes the expression
+    ``$None``: the bundle runner drops overrides whose value is None (``update_kwargs(ignore_none=True)``), so
+    ``--class_weights None`` would leave the config's ``"auto"`` in place."""
+    if value is None:
+        return "$None"
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(value, separators=(",", ":"))
     return str(value)

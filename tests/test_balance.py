@@ -154,6 +154,7 @@ def test_resolve_class_weights(tmp_path):
     from s2l_monai.data.balance import resolve_class_weights
 
     assert resolve_class_weights(None) is None
+    assert resolve_class_weights("none") is None and resolve_class_weights("null") is None  # typed on a command line
     assert resolve_class_weights([2, 1]) == [2.0, 1.0]
     with pytest.raises(ValueError, match="'auto'"):
         resolve_class_weights("balanced", [])

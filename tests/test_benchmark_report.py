@@ -127,10 +127,13 @@ def test_make_record_has_required_keys() -> None:
 
 
 def _parsed(cmd: list[str], key: str):
-    """The value of ``--key`` as python-fire (the MONAI bundle CLI) hands it to the config."""
+    """The value of ``--key`` as the config sees it: parsed by python-fire (the MONAI bundle CLI), then a ``$``
+    expression evaluated as the bundle's ConfigParser does (``$None`` reaches the config as None)."""
     import fire
+    from monai.bundle import ConfigParser
 
-    return fire.Fire(lambda **kw: kw[key], command=[f"--{key}", cmd[cmd.index(f"--{key}") + 1]])
+    value = fire.Fire(lambda **kw: kw[key], command=[f"--{key}", cmd[cmd.index(f"--{key}") + 1]])
+    return ConfigParser({"v": value}).get_parsed_content("v") if isinstance(value, str) else value
 
 
 def test_default_profile_adds_only_the_method_overrides(tmp_path: Path) -> None:

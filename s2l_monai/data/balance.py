@@ -282,10 +282,12 @@ def resolve_class_weights(
     ``output_dir``, writes it to ``<output_dir>/class_prior.json``. The result is cached per ``output_dir`` and
     items, so ``class_weights`` and ``pseudo_class_weights`` share one estimate.
     """
+    if isinstance(class_weights, str) and class_weights.strip().lower() in ("none", "null", "off", ""):
+        class_weights = None  # as typed on the command line: --class_weights none
     if class_weights is None or not isinstance(class_weights, str):
         return None if class_weights is None else [float(w) for w in class_weights]
     if class_weights != "auto":
-        raise ValueError(f"class_weights must be a list of numbers, null or 'auto', got {class_weights!r}.")
+        raise ValueError(f"class_weights must be a list of numbers, null/none or 'auto', got {class_weights!r}.")
     if items is None:
         raise ValueError("class_weights 'auto' needs the training items.")
     key = (str(output_dir), id(items))
