@@ -18,6 +18,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.bundle_config import LABELS, read_config
 from lib.image_io import read_image, result_suffix, write_result
+from s2l_monai.inferers import FlipAveragingInferer
 
 __all__ = ["ScribbleInferTask"]
 
@@ -80,6 +81,7 @@ class ScribbleInferTask(BasicInferTask):
         self.load_transforms = parser.get_parsed_content("load_transforms")
         self.in_channels = int(parser.get_parsed_content("in_channels"))
         self.bundle_inferer = parser.get_parsed_content("inferer")
+        self.test_time_flips = bool(parser.get_parsed_content("test_time_flips"))
         self.sw_batch_size = int(parser.get_parsed_content("sw_batch_size"))
         self.overlap = float(parser.get_parsed_content("overlap"))
         roi = [int(v) for v in parser.get_parsed_content("infer_roi_size")]
@@ -115,7 +117,7 @@ class ScribbleInferTask(BasicInferTask):
 
     def inferer(self, data: Any = None) -> Inferer:
         if data is not None and data.get("s2l_volume"):
-            return SliceInferer(
+            slices = SliceInferer(
                 roi_size=self.roi_size,
                 sw_batch_size=self.sw_batch_size,
                 spatial_dim=0,
@@ -123,6 +125,8 @@ class ScribbleInferTask(BasicInferTask):
                 mode="gaussian",
                 padding_mode="replicate",
             )
+            # the same flip averaging as the 2D task (test_time_flips), over H and W of every D slice
+            return FlipAveragingInferer(slices, flips=((), (1,), (2,), (1, 2))) if self.test_time_flips else slices
         return self.bundle_inferer
 
     def post_transforms(self, data: Any = None) -> Sequence[Callable]:
