@@ -33,8 +33,8 @@ from benchmarks.common import (  # noqa: E402
 METRICS_LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- (.*)$")
 EPOCH_TIME = re.compile(r"Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):([\d.]+)")
 ENSEMBLE_LINE = re.compile(r"Epoch (\d+), step (\d+): ensemble of (\d+) items in ([\d.]+) s; ([\d.]+)% of unscribbled")
-SCHEDULE_LINE = re.compile(r"ScheduleHandler - INFO - (schedule: .*)$")
-PRIOR_LINE = re.compile(r"s2l_monai.prior - INFO - (class prior .*)$")
+SCHEDULE_LINE = re.compile(r"ScheduleHandler - INFO - (schedule: .*)$", re.M)
+PRIOR_LINE = re.compile(r"s2l_monai.prior - INFO - (class prior .*)$", re.M)
 
 
 def parse_ensembles(text: str) -> list[dict[str, float]]:
