@@ -32,7 +32,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -798,28 +798,46 @@ def _lead_target(s2l: Sequence[dict[str, Any]], other: Sequence[dict[str, Any]],
                                          f"(n={no}) = {diff:+.4f}; larger seed-std {std:.4f}")
 
 
-def _time_target(records: Sequence[dict[str, Any]]) -> tuple[str, str, str]:
-    """Every training record measured on a CPU machine within :data:`TARGET_TRAIN_SECONDS`."""
+def time_target(
+    trained: Sequence[dict[str, Any]],
+    planned_keys: Sequence[tuple[Any, ...]],
+    key: Callable[[dict[str, Any]], tuple[Any, ...]],
+    name_of: Callable[[dict[str, Any]], str],
+) -> tuple[str, str, str]:
+    """Every training record measured on a CPU machine within :data:`TARGET_TRAIN_SECONDS` (shared with em.py).
+
+    Args:
+        trained: the training records (train_seconds a number).
+        planned_keys: the record keys of the planned trainings.
+        key: a record's key; name_of: a record's short name for the report.
+    """
     name = f"Every training ≤ {TARGET_TRAIN_SECONDS:.0f} s (2 CPU cores)"
-    trained = [r for r in records if r.get("method") != "otsu"
-               and isinstance(r.get("train_seconds"), (int, float)) and not isinstance(r.get("train_seconds"), bool)]
     on_gpu = [r for r in trained if isinstance(r.get("machine"), dict) and r["machine"].get("gpu")]
     on_cpu = [r for r in trained if r not in on_gpu]
-    planned = [run for run in build_plan() if run.method != "otsu"]
-    done = {record_key(r) for r in on_cpu}
-    extra = [f"{sum(run.key in done for run in planned)} of {len(planned)} planned trainings recorded"]
+    done = {key(r) for r in on_cpu}
+    extra = [f"{sum(k in done for k in planned_keys)} of {len(planned_keys)} planned trainings recorded"]
     if on_gpu:
         extra.append(f"{len(on_gpu)} record(s) measured on a GPU machine not counted")
     if not on_cpu:
         return name, PENDING, "no training record measured on a CPU; " + "; ".join(extra)
     worst = max(on_cpu, key=lambda r: float(r["train_seconds"]))
     cores = sorted({str(r["machine"].get("cores", "?")) for r in on_cpu if isinstance(r.get("machine"), dict)})
-    detail = (f"max {float(worst['train_seconds']):.0f} s ({_record_id(worst)}) over {len(on_cpu)} training(s)"
+    detail = (f"max {float(worst['train_seconds']):.0f} s ({name_of(worst)}) over {len(on_cpu)} training(s)"
               + (f" on {'/'.join(cores)} cores" if cores else ""))
     over = [r for r in on_cpu if float(r["train_seconds"]) > TARGET_TRAIN_SECONDS]
     if over:
-        detail += "; over: " + ", ".join(f"{_record_id(r)} {float(r['train_seconds']):.0f} s" for r in over)
+        detail += "; over: " + ", ".join(f"{name_of(r)} {float(r['train_seconds']):.0f} s" for r in over)
     return name, _passfail(not over), detail + "; " + "; ".join(extra)
+
+
+def _is_seconds(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _time_target(records: Sequence[dict[str, Any]]) -> tuple[str, str, str]:
+    trained = [r for r in records if r.get("method") != "otsu" and _is_seconds(r.get("train_seconds"))]
+    planned = [run.key for run in build_plan() if run.method != "otsu"]
+    return time_target(trained, planned, record_key, _record_id)
 
 
 def check_targets(records: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -878,23 +896,23 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _derived_ema_alpha(cfg: dict[str, Any]) -> float | None:
-    """The EMA weight the schedule derives from ``ensemble_share`` and ``ema_memory_share`` (``None`` if unknown)."""
+def derived_ema_alpha(cfg: dict[str, Any]) -> float | None:
+    """The EMA weight the schedule derives from a config's shares, or from ``ema_every`` over ``max_epochs`` (an
+    epoch override); ``None`` where it depends on the epoch length (``ema_every`` with a step budget)."""
+    if cfg.get("ema_every") is not None and cfg.get("max_epochs") is None:
+        return None
     try:
         from s2l_monai.schedule import TrainingSchedule
 
-        return TrainingSchedule(steps_per_epoch=1, max_steps=1, ensemble_interval=float(cfg["ensemble_share"]),
-                                ema_memory=float(cfg["ema_memory_share"])).ema_alpha
+        return TrainingSchedule(steps_per_epoch=1, max_steps=1, max_epochs=cfg.get("max_epochs"),
+                                ensemble_interval=float(cfg["ensemble_share"]), ema_every=cfg.get("ema_every"),
+                                ema_memory=float(cfg["ema_memory_share"]), ema_alpha=cfg.get("ema_alpha")).ema_alpha
     except Exception:  # noqa: BLE001 - a report line, never a reason to fail
         return None
 
 
-def recipe_line(profile: str) -> str:
-    """The recipe of a profile in one line, read from its config files (and the profile's overrides) now."""
-    try:
-        cfg = _effective_config(profile, PROFILES.get(profile, {}))
-    except (OSError, ValueError) as exc:
-        return f"(configs not readable: {exc})"
+def recipe_parts(cfg: dict[str, Any]) -> list[str]:
+    """The recipe keys of an effective config (``RECIPE_KEYS``, the network, the derived EMA weight), as text."""
     parts = []
     net = cfg.get("network_def")
     if isinstance(net, dict) and net.get("_target_"):
@@ -908,10 +926,19 @@ def recipe_line(profile: str) -> str:
             continue
         part = f"{key} {_show(value)}"
         if key == "ema_memory_share":
-            alpha = _derived_ema_alpha(cfg)
+            alpha = derived_ema_alpha(cfg)
             part += "" if alpha is None else f" (ema_alpha {alpha:.3f})"
         parts.append(part)
-    return ", ".join(f"`{p}`" for p in parts)
+    return parts
+
+
+def recipe_line(profile: str) -> str:
+    """The recipe of a profile in one line, read from its config files (and the profile's overrides) now."""
+    try:
+        cfg = _effective_config(profile, PROFILES.get(profile, {}))
+    except (OSError, ValueError) as exc:
+        return f"(configs not readable: {exc})"
+    return ", ".join(f"`{p}`" for p in recipe_parts(cfg))
 
 
 def _recipe_header(profiles: Sequence[str]) -> list[str]:

@@ -121,7 +121,7 @@ ANCHORS: dict[str, float] = {
 }
 # Targets of issue 14 (test slices, mean over seeds, default recipe); see :func:`check_targets`.
 TARGET_FULL_MARGIN = 0.005  # S2L IoU at least Full IoU minus this
-TARGET_TRAIN_SECONDS = 600.0  # every training, 2 CPU cores
+TARGET_TRAIN_SECONDS = dsb.TARGET_TRAIN_SECONDS  # every training, 2 CPU cores (the DSB harness's budget)
 
 
 @dataclass(frozen=True)
@@ -444,26 +444,10 @@ def _run_name(r: dict[str, Any]) -> str:
 
 def _time_target(records: Sequence[dict[str, Any]]) -> tuple[str, str, str]:
     """Every training record measured on a CPU machine within :data:`TARGET_TRAIN_SECONDS`."""
-    name = f"Every training ≤ {TARGET_TRAIN_SECONDS:.0f} s (2 CPU cores)"
     trained = [r for r in _select(records, "s2l") + _select(records, "pce") + _select(records, "full")
-               if isinstance(r.get("train_seconds"), (int, float)) and not isinstance(r.get("train_seconds"), bool)]
-    on_gpu = [r for r in trained if isinstance(r.get("machine"), dict) and r["machine"].get("gpu")]
-    on_cpu = [r for r in trained if r not in on_gpu]
-    planned = [run for run in build_plan() if run.method != "otsu"]
-    done = {dsb.record_key(r) for r in on_cpu}
-    extra = [f"{sum(run.key in done for run in planned)} of {len(planned)} planned trainings recorded"]
-    if on_gpu:
-        extra.append(f"{len(on_gpu)} record(s) measured on a GPU machine not counted")
-    if not on_cpu:
-        return name, dsb.PENDING, "no training record measured on a CPU; " + "; ".join(extra)
-    worst = max(on_cpu, key=lambda r: float(r["train_seconds"]))
-    cores = sorted({str(r["machine"].get("cores", "?")) for r in on_cpu if isinstance(r.get("machine"), dict)})
-    detail = (f"max {float(worst['train_seconds']):.0f} s ({_run_name(worst)}) over {len(on_cpu)} training(s)"
-              + (f" on {'/'.join(cores)} cores" if cores else ""))
-    over = [r for r in on_cpu if float(r["train_seconds"]) > TARGET_TRAIN_SECONDS]
-    if over:
-        detail += "; over: " + ", ".join(f"{_run_name(r)} {float(r['train_seconds']):.0f} s" for r in over)
-    return name, dsb._passfail(not over), detail + "; " + "; ".join(extra)
+               if dsb._is_seconds(r.get("train_seconds"))]
+    planned = [run.key for run in build_plan() if run.method != "otsu"]
+    return dsb.time_target(trained, planned, dsb.record_key, _run_name)
 
 
 def check_targets(records: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -499,21 +483,6 @@ def _profiles(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> list
     return found or [str(header.get("profile", "default"))]
 
 
-def derived_ema_alpha(cfg: dict[str, Any]) -> float | None:
-    """The EMA weight the schedule derives from a config's shares, or from ``ema_every`` over ``max_epochs`` (an
-    epoch override); ``None`` where it depends on the epoch length (``ema_every`` with a step budget)."""
-    if cfg.get("ema_every") is not None and cfg.get("max_epochs") is None:
-        return None
-    try:
-        from s2l_monai.schedule import TrainingSchedule
-
-        return TrainingSchedule(steps_per_epoch=1, max_steps=1, max_epochs=cfg.get("max_epochs"),
-                                ensemble_interval=float(cfg["ensemble_share"]), ema_every=cfg.get("ema_every"),
-                                ema_memory=float(cfg["ema_memory_share"]), ema_alpha=cfg.get("ema_alpha")).ema_alpha
-    except Exception:  # noqa: BLE001 - a report line, never a reason to fail
-        return None
-
-
 def recipe_line(profile: str) -> str:
     """The recipe of a profile in one line, read from ``configs/train.json`` (and the profile's overrides) now."""
     if profile not in PROFILES:
@@ -522,23 +491,7 @@ def recipe_line(profile: str) -> str:
         cfg = effective_config(PROFILES[profile])
     except (OSError, ValueError) as exc:
         return f"(configs not readable: {exc})"
-    parts = [f"slice_axis {cfg['slice_axis']}"]
-    net = cfg.get("network_def")
-    if isinstance(net, dict) and net.get("_target_"):
-        detail = net.get("backbone") or net.get("channels")
-        parts.append(f"network {net['_target_']}" + ("" if detail is None else f" {dsb._show(detail)}"))
-    for key, replaced_by in dsb.RECIPE_KEYS:
-        value = cfg.get(key)
-        if key not in cfg or (replaced_by and cfg.get(replaced_by) is not None):
-            continue
-        if value is None and key not in ("class_weights", "pseudo_class_weights"):
-            continue
-        part = f"{key} {dsb._show(value)}"
-        if key == "ema_memory_share":
-            alpha = derived_ema_alpha(cfg)
-            part += "" if alpha is None else f" (ema_alpha {alpha:.3f})"
-        parts.append(part)
-    return ", ".join(f"`{p}`" for p in parts)
+    return ", ".join(f"`{p}`" for p in [f"slice_axis {cfg['slice_axis']}", *dsb.recipe_parts(cfg)])
 
 
 def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> str:
