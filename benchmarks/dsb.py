@@ -911,6 +911,16 @@ def derived_ema_alpha(cfg: dict[str, Any]) -> float | None:
         return None
 
 
+#: The legend of the all-records table (shared with em.py, whose records have the same columns).
+RECORDS_LEGEND: tuple[str, ...] = (
+    "cc = connected components (primary), ws = distance-transform watershed. steps = optimiser steps trained",
+    "(final trainer state); class w. = class weights [background, foreground] of the scribble loss: `auto [...]`",
+    "estimated from the scribbles at the start (`train/class_prior.json`), a list = given, `none` = unweighted.",
+    "Train s = training wall time; peak RSS = max over 0.5 s polls of the summed VmRSS of the training process and",
+    "its children (for Otsu: of the evaluation); img/s = training patches (steps × patches per step) per second.",
+)
+
+
 def recipe_parts(cfg: dict[str, Any]) -> list[str]:
     """The recipe keys of an effective config (``RECIPE_KEYS``, the network, the derived EMA weight), as text."""
     parts = []
@@ -1007,11 +1017,7 @@ def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> 
         "",
         "## All records",
         "",
-        "cc = connected components (primary), ws = distance-transform watershed. steps = optimiser steps trained",
-        "(final trainer state); class w. = class weights [background, foreground] of the scribble loss: `auto [...]`",
-        "estimated from the scribbles at the start (`train/class_prior.json`), a list = given, `none` = unweighted.",
-        "Train s = training wall time; peak RSS = max over 0.5 s polls of the summed VmRSS of the training process and",
-        "its children (for Otsu: of the evaluation); img/s = training patches (steps × patches per step) per second.",
+        *RECORDS_LEGEND,
         *_gpu_note(records, profiles),
         "",
         records_table(records),
