@@ -7,6 +7,7 @@ updated (``y_0 = p``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -76,13 +77,27 @@ class EMAStore:
     the complete previous average or the complete new one, never a volume mixing ``y_n`` and ``y_{n+1}`` slices;
     an interrupted ensemble leaves only a hidden temporary file (ignored, removed by :meth:`abort`).
 
+    File names: an id made only of letters, digits, ``_``, ``-`` and ``.`` that does not start with ``.`` is its own
+    file name; any other id gets its unsafe characters replaced and a short hash of the id appended, so two ids
+    never share a file and no file is hidden (hidden files are the store's temporary files). Temporary files left
+    by a process that was killed are removed when a store is opened.
+
     Args:
         root: folder of the store (created if missing), e.g. ``<output_dir>/ema``.
         num_classes: number of classes ``C`` of the network output (>= 2).
         dtype: ``"float16"`` or ``"uint8"``.
+        aliases: ``{old id: new id}`` for a store (or checkpoint) written under an older id rule
+            (:func:`s2l_monai.data.datalist.legacy_aliases`): old files are renamed when the store opens, and
+            :meth:`load_state_dict` maps old keys.
     """
 
-    def __init__(self, root: str | os.PathLike, num_classes: int = 2, dtype: str = "float16") -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        num_classes: int = 2,
+        dtype: str = "float16",
+        aliases: Mapping[str, str] | None = None,
+    ) -> None:
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
         if dtype not in ("float16", "uint8"):
@@ -102,13 +117,43 @@ class EMAStore:
                 )
         else:
             self._atomic_write_text(meta, json.dumps(self._meta()))
+        self._remove_stale_temporaries()
+        self.aliases = {str(k): str(v) for k, v in (aliases or {}).items()}
+        self._migrate()
 
     def _meta(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "dtype": self.dtype}
 
+    def _remove_stale_temporaries(self) -> None:
+        """Delete temporary files (``.<name>.<pid>.tmp*``) of processes that no longer run."""
+        for tmp in self.root.glob(".*.tmp*"):
+            parts = tmp.name.split(".")
+            pid = next((int(x) for x in reversed(parts) if x.isdigit()), None)
+            if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+                tmp.unlink(missing_ok=True)
+
+    def _migrate(self) -> None:
+        """Rename files written under old ids (``aliases``) to their new ids' names."""
+        moved = 0
+        for old, new in self.aliases.items():
+            for legacy in {self.root / f"{_SAFE.sub('_', old)}.npy", self.path(old)}:
+                target = self.path(new)
+                if legacy.exists() and legacy != target:
+                    if not target.exists():
+                        os.replace(legacy, target)
+                        moved += 1
+                    else:
+                        legacy.unlink()
+        if moved:
+            logging.getLogger(self.__class__.__name__).info(f"EMA store {self.root}: {moved} item(s) renamed to new ids")
+
     def path(self, item_id: str) -> Path:
-        """File of an item: its id with characters unsafe for file names replaced."""
-        return self.root / f"{_SAFE.sub('_', str(item_id))}.npy"
+        """File of an item: its id, or for an id unsafe as a file name, a sanitised id plus a hash of it."""
+        text = str(item_id)
+        safe = _SAFE.sub("_", text)
+        if safe != text or safe.startswith(".") or not safe:
+            safe = f"{safe.lstrip('.') or 'item'}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:8]}"
+        return self.root / f"{safe}.npy"
 
     def __contains__(self, item_id: object) -> bool:
         return self.path(str(item_id)).exists()
@@ -281,7 +326,9 @@ class EMAStore:
             array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
             if state_dict.get("dtype", self.dtype) != self.dtype:
                 array = self._encode(self._decode(array))
-            self._atomic_save(self.root / f"{stem}.npy", array)
+            new = self.aliases.get(stem) or {_SAFE.sub("_", k): v for k, v in self.aliases.items()}.get(stem)
+            target = self.path(new) if new is not None else self.root / f"{stem}.npy"
+            self._atomic_save(target, array)
 
     @staticmethod
     def _atomic_save(path: Path, array: np.ndarray) -> None:
@@ -294,6 +341,16 @@ class EMAStore:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class EMAEnsembleHandler:

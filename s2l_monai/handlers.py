@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from monai.engines import IterationEvents
 from monai.utils import min_version, optional_import
 
+from s2l_monai.errors import NonFiniteLossError
 from s2l_monai.losses import ScribbleLoss
 from s2l_monai.schedule import TrainingSchedule
 
@@ -16,7 +18,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", "0.5", min_version, "Engine")
 
-__all__ = ["ScribbleLossHandler"]
+__all__ = ["FiniteGuard", "ScribbleLossHandler"]
 
 
 class ScribbleLossHandler:
@@ -63,3 +65,55 @@ class ScribbleLossHandler:
     def loss_completed(self, engine: Engine) -> None:
         if isinstance(engine.state.output, dict):
             engine.state.output.update(self.loss_function.terms)
+
+
+class FiniteGuard:
+    """Stop training with a clear error when the loss or a weight becomes NaN or infinite.
+
+    The loss is checked when it is computed (MONAI's ``IterationEvents.LOSS_COMPLETED``), before the backward pass,
+    so the weights are still the last good ones; the weights are checked after every optimiser step. Either way
+    a :class:`s2l_monai.errors.NonFiniteLossError` names the batch's items and the step; the checkpoints already on
+    disk stay as they are and no model with non-finite weights is written (``model.pt`` is saved at completion only).
+
+    Args:
+        network: the trained network (its parameters are checked).
+        id_keys: batch keys tried, in order, to name the batch's items.
+    """
+
+    def __init__(self, network: torch.nn.Module, id_keys: tuple[str, ...] = ("image", "id")) -> None:
+        self.network = network
+        self.id_keys = id_keys
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self.check_loss)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.check_weights)
+
+    def _items(self, engine: Engine) -> str:
+        batch = engine.state.batch
+        if isinstance(batch, dict):
+            for key in self.id_keys:
+                names = batch.get(key)
+                if isinstance(names, (list, tuple)) and names and isinstance(names[0], str):
+                    unique = list(dict.fromkeys(str(n) for n in names))
+                    return ", ".join(unique[:16]) + (f" and {len(unique) - 16} more" if len(unique) > 16 else "")
+        return "(item names not in the batch)"
+
+    def check_loss(self, engine: Engine) -> None:
+        output = engine.state.output
+        loss = output.get("loss") if isinstance(output, dict) else None
+        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+            terms = {k: float(v) for k, v in output.items() if k.startswith("loss_") and isinstance(v, (int, float))}
+            raise NonFiniteLossError(
+                f"the training loss is {float(loss.detach())} at step {engine.state.iteration} (epoch "
+                f"{engine.state.epoch}; terms {terms}); batch items: {self._items(engine)}. The weights were not "
+                "updated; the last epoch's checkpoint is kept. Check these images, or lower learning_rate."
+            )
+
+    def check_weights(self, engine: Engine) -> None:
+        bad = [name for name, p in self.network.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            raise NonFiniteLossError(
+                f"{len(bad)} weight tensor(s) became NaN or infinite at step {engine.state.iteration} (epoch "
+                f"{engine.state.epoch}; first: {bad[0]}); batch items: {self._items(engine)}. Nothing was saved "
+                "from this step; the last epoch's checkpoint is kept. Lower learning_rate."
+            )

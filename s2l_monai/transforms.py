@@ -14,10 +14,40 @@ from monai.transforms.traits import RandomizableTrait
 
 from s2l_monai.ensemble import EMAStore
 
-__all__ = ["EnsureImageChannelsd", "LoadPseudoLabeld"]
+__all__ = ["EnsureImageChannelsd", "LoadPseudoLabeld", "ReplaceNonFinited"]
 
 # ITU-R BT.601 luma weights, as PIL's "L" conversion uses.
 _LUMA = (0.299, 0.587, 0.114)
+
+
+class ReplaceNonFinited(MapTransform):
+    """Replace NaN and infinite pixels of each channel by that channel's finite median (a no-op on finite images).
+
+    MONAI's intensity transforms propagate NaN (a percentile of an array holding NaN is NaN), so one bad pixel turns
+    the whole normalised image, and after one step every weight, into NaN. Files with non-finite pixels are refused
+    at the door (:mod:`s2l_monai.data.checks`) unless the config key ``nonfinite_pixels`` is ``"replace"``; this
+    transform then does the replacement, before the intensity scaling. A channel with no finite pixel becomes 0.
+
+    Args:
+        keys: keys of channel-first images.
+        allow_missing_keys: do not raise if a key is missing.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if not torch.is_floating_point(torch.as_tensor(image[:1, :1])):
+                continue  # integer images hold no NaN
+            finite = torch.isfinite(torch.as_tensor(image))
+            if bool(finite.all()):
+                continue
+            fixed = torch.as_tensor(image).clone()
+            for c in range(fixed.shape[0]):
+                good = fixed[c][finite[c]]
+                fixed[c][~finite[c]] = good.median() if good.numel() else 0.0
+            d[key] = fixed
+        return d
 
 
 class EnsureImageChannelsd(MapTransform):

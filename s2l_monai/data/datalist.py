@@ -2,25 +2,64 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DATALIST_NAME", "load_datalist", "ensure_datalist", "item_id"]
+from s2l_monai.errors import DataError
+
+__all__ = ["DATALIST_NAME", "load_datalist", "ensure_datalist", "item_id", "legacy_aliases", "legacy_item_id"]
 
 DATALIST_NAME = "datalist.json"
 PATH_KEYS = ("image", "scribble", "label")
 _EXTENSIONS = re.compile(r"(\.nii\.gz|\.ome\.tiff?|\.[A-Za-z0-9]+)$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 logger = logging.getLogger(__name__)
 
 
 def item_id(image_path: str) -> str:
-    """Stable id of an item: its image path relative to the dataset, without extension, ``/`` replaced by ``__``."""
+    """Stable id of an item: a readable stem and a short hash of its image path as the datalist writes it.
+
+    ``images/a.png`` -> ``a-<8 hex digits>``. The hash (SHA-1 of the normalised POSIX path) keeps ids apart that
+    share a file name in different folders; the stem is the file name without extension, reduced to letters,
+    digits, ``_`` and ``-``, so an id never starts with ``.`` whatever the path (``../x.png`` -> ``x-...``) and is a
+    safe file name for the EMA store.
+    """
+    path = posixpath.normpath(image_path.replace("\\", "/"))
+    stem = _UNSAFE.sub("_", _EXTENSIONS.sub("", posixpath.basename(path))).strip("_-") or "item"
+    return f"{stem[:48]}-{hashlib.sha1(path.encode('utf-8')).hexdigest()[:8]}"
+
+
+def legacy_item_id(image_path: str) -> str:
+    """The id rule of s2l-monai <= 0.4: the path without extension, ``/`` replaced by ``__`` (for migrations)."""
     return _EXTENSIONS.sub("", image_path.replace("\\", "/")).strip("/").replace("/", "__")
+
+
+def legacy_aliases(
+    dataset_dir: str | os.PathLike, key: str = "training", filename: str = DATALIST_NAME
+) -> dict[str, str]:
+    """``{old id: new id}`` of a datalist section's items whose id changed with the id rule of 0.5.
+
+    Used to migrate an EMA store (and checkpoints) written by s2l-monai <= 0.4 (:class:`s2l_monai.ensemble.EMAStore`
+    ``aliases``). Items with an ``id`` of their own keep it and need no alias; a missing datalist gives ``{}``.
+    """
+    given = Path(dataset_dir)
+    path = given if given.is_file() else given / filename
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    aliases = {}
+    for raw in content.get(key, []) if isinstance(content, dict) else []:
+        if isinstance(raw, dict) and "image" in raw and "id" not in raw:
+            aliases[legacy_item_id(str(raw["image"]))] = item_id(str(raw["image"]))
+    return aliases
 
 
 def ensure_datalist(dataset_dir: str | os.PathLike, filename: str = DATALIST_NAME, synthetic_seed: int = 0) -> Path:
@@ -36,16 +75,19 @@ def ensure_datalist(dataset_dir: str | os.PathLike, filename: str = DATALIST_NAM
         synthetic_seed: seed of the synthetic set.
 
     Raises:
-        FileNotFoundError: ``dataset_dir`` holds files but no datalist.
+        DataError: ``dataset_dir`` holds files but no datalist.
     """
     root = Path(dataset_dir)
     path = root / filename
     if path.is_file():
         return path
     if root.is_dir() and any(root.iterdir()):
-        raise FileNotFoundError(
-            f"{root} holds no {filename}. Write one (see README: 'Train on your own images') or create it with "
-            f"`s2l prepare folder --images DIR --scribbles DIR --out {root}`."
+        raise DataError(
+            [
+                f"{root} holds no {filename}. Write one (see README: 'Train on your own images') or create it with "
+                f"`s2l prepare folder --images DIR --scribbles DIR --out {root}`."
+            ],
+            f"dataset_dir {root}",
         )
     from s2l_monai.data.synthetic import make_synthetic_dataset
 
@@ -79,14 +121,15 @@ def load_datalist(
         filename: datalist file name, when ``dataset_dir`` is a folder.
         required: keys every item must have.
         synthesize_if_missing: build the synthetic set when the folder is missing or empty
-            (:func:`ensure_datalist`).
+            (:func:`ensure_datalist`); the configs ask for it only for their default ``dataset_dir``, so a mistyped
+            folder is an error, not a demo run.
 
     Returns:
         the items of the section (an empty list when the section is absent).
 
     Raises:
-        FileNotFoundError: a listed file does not exist (all such files are listed).
-        ValueError: an item misses a required key, or two items share an id.
+        DataError: no datalist, a datalist that is not valid JSON, items that are not objects or miss a required
+            key, listed files that do not exist, or two items sharing an id (every problem, each naming its file).
     """
     given = Path(dataset_dir)
     if given.is_file():
@@ -96,32 +139,45 @@ def load_datalist(
     else:
         path = given / filename
         if not path.is_file():
-            raise FileNotFoundError(f"no datalist at {path}")
+            where = "folder does not exist" if not given.exists() else f"no {filename} in it"
+            raise DataError([f"{given}: {where}"], "the dataset")
     root = path.parent
-    content = json.loads(path.read_text())
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError([f"{path}: not a readable JSON datalist ({exc})"], "the datalist") from None
+    if not isinstance(content, dict):
+        raise DataError([f"{path}: a datalist is a JSON object with 'training' etc. lists"], "the datalist")
     items = content.get(key, [])
+    if not isinstance(items, list):
+        raise DataError([f"{path}: {key!r} is not a list"], "the datalist")
     out: list[dict[str, Any]] = []
-    missing: list[str] = []
+    problems: list[str] = []
     seen: dict[str, str] = {}
     for index, raw in enumerate(items):
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: item {index} of {key!r} is not an object: {raw!r}")
+            problems.append(f"{path}: item {index} of {key!r} is not an object: {raw!r}")
+            continue
         absent = [k for k in required if k not in raw]
         if absent:
-            raise ValueError(f"{path}: item {index} of {key!r} has no {absent} (item: {raw})")
+            problems.append(f"{path}: item {index} of {key!r} has no {absent} (item: {raw})")
+            continue
         item = dict(raw)
         for k in PATH_KEYS:
             if k in item:
+                if not isinstance(item[k], str) or not item[k]:
+                    problems.append(f"{path}: item {index} of {key!r}: {k!r} is not a file path: {item[k]!r}")
+                    continue
                 full = Path(item[k]) if Path(item[k]).is_absolute() else root / item[k]
                 if not full.exists():
-                    missing.append(str(full))
+                    problems.append(f"{full}: listed in {path} ({key!r} item {index}) but does not exist")
                 item[k] = str(full)
         item.setdefault("id", item_id(str(raw["image"])))
         item["id"] = str(item["id"])
         if item["id"] in seen:
-            raise ValueError(f"{path}: items {seen[item['id']]} and {raw['image']} share the id {item['id']!r}")
+            problems.append(f"{path}: items {seen[item['id']]} and {raw['image']} share the id {item['id']!r}")
         seen[item["id"]] = str(raw["image"])
         out.append(item)
-    if missing:
-        raise FileNotFoundError(f"{path}: {len(missing)} listed file(s) do not exist: " + ", ".join(missing[:20]))
+    if problems:
+        raise DataError(problems, f"the {key!r} list of {path}")
     return out

@@ -1,0 +1,207 @@
+"""Checkpoints a run can be resumed from exactly: atomic files, random states, retention across resumes.
+
+MONAI's ``CheckpointSaver`` writes in place (``DiskSaver(atomic=False)``, for file permissions on shared servers),
+so a kill during a write leaves a truncated newest checkpoint, and its ``n_saved`` only counts the files of the
+current process, so every resumed attempt leaves its own ``checkpoint_epoch=N.pt`` behind. Neither saves the
+random states a resumed run needs to draw the same batches and augmentations as the uninterrupted one.
+:class:`ResumeCheckpointer` does these three things; MONAI's ``CheckpointLoader`` still loads the files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from monai.transforms import Compose, Randomizable
+from monai.utils import min_version, optional_import
+
+Events, _ = optional_import("ignite.engine", "0.5", min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", "0.5", min_version, "Engine")
+
+__all__ = ["CHECKPOINT_PATTERN", "RandomStates", "ResumeCheckpointer", "latest_checkpoint", "resolve_resume"]
+
+#: File names of the per-epoch checkpoints; the group is the epoch.
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_epoch=(\d+)\.pt$")
+logger = logging.getLogger(__name__)
+
+
+def _numpy_state(state: tuple[Any, ...]) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_tuple(state: Mapping[str, Any]) -> tuple[Any, ...]:
+    keys = np.asarray(state["keys"].numpy() if isinstance(state["keys"], torch.Tensor) else state["keys"], np.uint32)
+    return (state["name"], keys, int(state["pos"]), int(state["has_gauss"]), float(state["cached"]))
+
+
+def _randomizables(transform: Any) -> list[Randomizable]:
+    """Every ``Randomizable`` of a (nested) ``Compose``, with the randomizable members of each transform."""
+    out: list[Randomizable] = []
+    stack = [transform]
+    seen: set[int] = set()
+    while stack:
+        t = stack.pop(0)
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        if isinstance(t, Compose):
+            stack = list(t.transforms) + stack
+            continue
+        if isinstance(t, Randomizable):
+            out.append(t)
+        stack += [v for v in vars(t).values() if isinstance(v, (Randomizable, Compose))] if hasattr(t, "__dict__") else []
+    return out
+
+
+class RandomStates:
+    """The random states a run draws from, as a checkpointable object (``state_dict`` / ``load_state_dict``).
+
+    Python's and NumPy's global generators, torch's CPU (and CUDA) generator, and the generator of every random
+    transform of ``transforms`` (used when the data loader runs in the main process; with workers, each worker's
+    transforms are re-seeded every epoch from torch's generator, which is saved). Restored when a checkpoint is
+    loaded, so the resumed epoch draws the batches, crops and augmentations the uninterrupted run drew.
+
+    Args:
+        transforms: the training ``Compose`` (or None).
+    """
+
+    def __init__(self, transforms: Any = None) -> None:
+        self.transforms = transforms
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = random.getstate()
+        state: dict[str, Any] = {
+            "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                       "gauss": gauss},
+            "numpy": _numpy_state(np.random.get_state()),
+            "torch": torch.get_rng_state(),
+            "transforms": [_numpy_state(t.R.get_state()) for t in _randomizables(self.transforms)],
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        py = state["python"]
+        random.setstate((int(py["version"]), tuple(int(x) for x in py["internal"].tolist()), py["gauss"]))
+        np.random.set_state(_numpy_tuple(state["numpy"]))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        found = _randomizables(self.transforms)
+        if len(found) == len(state["transforms"]):
+            for t, s in zip(found, state["transforms"]):
+                t.R.set_state(_numpy_tuple(s))
+        elif state["transforms"]:
+            logger.warning("the random transforms differ from the checkpoint's; their states are not restored")
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
+    """The per-epoch checkpoint with the highest epoch in ``ckpt_dir`` (None if there is none)."""
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def resolve_resume(resume_from: str | os.PathLike | None, ckpt_dir: str | os.PathLike) -> str:
+    """The checkpoint to resume from: ``""`` (none), a path, or ``"latest"`` (newest in ``ckpt_dir``, if any).
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+    """
+    text = "" if resume_from is None else str(resume_from).strip()
+    if text.lower() in ("", "none", "null", "false"):
+        return ""
+    if text.lower() == "latest":
+        path = latest_checkpoint(ckpt_dir)
+        if path is None:
+            logger.info(f"resume_from=latest: no checkpoint in {ckpt_dir}; starting a new run")
+            return ""
+        logger.info(f"resume_from=latest: resuming from {path}")
+        return str(path)
+    if not Path(text).is_file():
+        raise FileNotFoundError(f"resume_from: {text} does not exist")
+    return text
+
+
+class ResumeCheckpointer:
+    """Write a full checkpoint after every epoch, atomically, keeping the newest ``keep`` across resumes.
+
+    Each file is written to a hidden temporary name in ``save_dir`` and renamed over its final name, so a kill
+    leaves either the previous file or the new one, never a truncated one; temporary files of killed runs are
+    removed at start. After a save, older ``checkpoint_epoch=N.pt`` files in ``save_dir`` beyond the newest
+    ``keep`` are deleted, whichever run wrote them. At completion the last state is also written as
+    ``final_filename``. Load with MONAI's ``CheckpointLoader`` (same keys as ``save_dict``).
+
+    Args:
+        save_dir: folder of the checkpoints.
+        save_dict: name -> object with ``state_dict()`` (network, optimizer, trainer, EMA store, ...).
+        keep: per-epoch checkpoints kept (>= 1).
+        final_filename: name of the checkpoint written at completion; None for none.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        save_dict: Mapping[str, Any],
+        keep: int = 2,
+        final_filename: str | None = "checkpoint_final.pt",
+    ) -> None:
+        if int(keep) < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
+        self.save_dir = Path(save_dir)
+        self.save_dict = dict(save_dict)
+        self.keep = int(keep)
+        self.final_filename = final_filename
+
+    def attach(self, engine: Engine) -> None:
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.save_dir.glob(".*.pt.tmp*"):
+            stale.unlink(missing_ok=True)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        if self.final_filename:
+            engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def _state(self) -> dict[str, Any]:
+        return {name: obj.state_dict() for name, obj in self.save_dict.items()}
+
+    def save(self, filename: str) -> Path:
+        """Write the checkpoint ``save_dir / filename`` atomically."""
+        path = self.save_dir / filename
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(self._state(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def epoch_completed(self, engine: Engine) -> None:
+        self.save(f"checkpoint_epoch={engine.state.epoch}.pt")
+        found = sorted(
+            (int(m.group(1)), p) for p in self.save_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))
+        )
+        for _, old in found[: -self.keep]:
+            old.unlink(missing_ok=True)
+
+    def completed(self, engine: Engine) -> None:
+        if self.final_filename:
+            self.save(self.final_filename)
