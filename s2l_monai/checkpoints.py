@@ -22,6 +22,8 @@ import torch
 from monai.transforms import Compose, Randomizable
 from monai.utils import min_version, optional_import
 
+from s2l_monai.faults import FAULT_ENV, fault_point
+
 Events, _ = optional_import("ignite.engine", "0.5", min_version, "Events")
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -173,6 +175,8 @@ class ResumeCheckpointer:
         for stale in self.save_dir.glob(".*.pt.tmp*"):
             stale.unlink(missing_ok=True)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        if os.environ.get(FAULT_ENV):
+            engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: fault_point("step"))
         if self.final_filename:
             engine.add_event_handler(Events.COMPLETED, self.completed)
 
@@ -188,6 +192,7 @@ class ResumeCheckpointer:
                 torch.save(self._state(), f)
                 f.flush()
                 os.fsync(f.fileno())
+            fault_point("checkpoint_write")
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         finally:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from monai.utils import min_version, optional_import
 
+from s2l_monai.faults import fault_point
 from s2l_monai.figures import save_pseudo_label_figure
 
 Events, _ = optional_import("ignite.engine", "0.5", min_version, "Events")
@@ -493,6 +494,7 @@ class EMAEnsembleHandler:
                 k = int(slice_index)
                 average = self.store.update_slice(item_id, k, int(item[self.num_slices_key]), prob, self.alpha)
                 name = f"{item_id}_z{k:04d}"
+            fault_point("ensemble_item")
             scribble = np.asarray(item[self.scribble_key].detach().cpu())[0]
             unlabelled = scribble == self.unlabelled
             self._passed += int(((average.max(0) > self.tau) & unlabelled).sum())

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from types import TracebackType
 
-__all__ = ["DEBUG_ENV", "DataError", "NonFiniteLossError", "S2LError", "find_user_error", "short_errors"]
+__all__ = ["DEBUG_ENV", "ConfigError", "DataError", "NonFiniteLossError", "S2LError", "find_user_error", "short_errors"]
 
 #: Environment variable that keeps the full tracebacks (any value but ``""``/``0``).
 DEBUG_ENV = "S2L_DEBUG"
@@ -38,6 +38,10 @@ class DataError(S2LError, ValueError):
         self.what = what
         lines = "\n  - ".join(self.problems)
         super().__init__(f"{len(self.problems)} problem(s) in {what}:\n  - {lines}")
+
+
+class ConfigError(S2LError, ValueError):
+    """A config key with a value the run cannot use (the message names the key and the accepted values)."""
 
 
 class NonFiniteLossError(S2LError, FloatingPointError):

@@ -67,24 +67,26 @@ def list_images(input_dir: str | os.PathLike, extensions: Sequence[str] = IMAGE_
         One item per image, with an absolute path.
 
     Raises:
-        FileNotFoundError: the folder does not exist.
-        ValueError: it holds no image, or two images share a base name (their outputs would overwrite each other).
+        DataError: the folder does not exist, holds no image, or two images share a base name (their outputs would
+            overwrite each other).
     """
+    from s2l_monai.errors import DataError
+
     root = Path(input_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"input folder {root} does not exist")
+        raise DataError([f"{root}: folder does not exist"], "input_dir")
     exts = tuple(e.lower() for e in extensions)
     files = sorted(
         p for p in root.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(exts)
     )
     if not files:
-        raise ValueError(f"{root}: no images ({', '.join(exts)}) found")
+        raise DataError([f"{root}: no images ({', '.join(exts)}) found"], "input_dir")
     seen: dict[str, str] = {}
     items = []
     for path in files:
         stem = image_stem(path)
         if stem in seen:
-            raise ValueError(f"{root}: {seen[stem]} and {path.name} share the base name {stem!r}")
+            raise DataError([f"{root}: {seen[stem]} and {path.name} share the base name {stem!r}"], "input_dir")
         seen[stem] = path.name
         items.append({"image": str(path.resolve()), "id": stem})
     return items

@@ -156,13 +156,18 @@ def test_bad_values_named(tmp_path: Path) -> None:
     assert len(problems) == 1 and "img3.png" in problems[0] and "[7]" in problems[0]
 
 
-def test_empty_scribble_named(tmp_path: Path) -> None:
+def test_empty_scribble_is_kept_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = make_dataset(tmp_path / "data")
     Image.fromarray(np.full((H, W), 255, np.uint8)).save(root / "scribbles" / "img3.png")
-    with pytest.raises(ValueError) as info:
+    with caplog.at_level("WARNING"):
+        path = prepare_folder(root / "images", root / "scribbles", val_fraction=0)
+    assert "1 of 5 image(s) have no scribbled pixel" in caplog.text and "img3.png" in caplog.text
+    listed = json.loads(path.read_text())["training"]
+    assert any(item["image"].endswith("img3.png") for item in listed)  # still segmented by inference
+    for scribble in (root / "scribbles").iterdir():  # no scribble at all: nothing to train on
+        Image.fromarray(np.full((H, W), 255, np.uint8)).save(scribble)
+    with pytest.raises(ValueError, match="no scribble has a labelled pixel"):
         prepare_folder(root / "images", root / "scribbles")
-    problems = _problems(info)
-    assert len(problems) == 1 and "img3.png" in problems[0] and "no labelled pixel" in problems[0]
 
 
 def test_all_problems_reported_together(tmp_path: Path) -> None:
@@ -172,14 +177,15 @@ def test_all_problems_reported_together(tmp_path: Path) -> None:
     bad = _scribble(3)
     bad[1, 1] = 9
     Image.fromarray(bad).save(root / "scribbles" / "img3.png")  # values
-    Image.fromarray(np.full((H, W), 255, np.uint8)).save(root / "scribbles" / "img4_scribble.png")  # empty
+    tifffile.imwrite(root / "images" / "img4.tif", np.full((H, W), np.nan, np.float32))  # NaN image
+    (root / "images" / "img4.png").unlink()
     Image.fromarray(_scribble(0)).save(root / "scribbles" / "stray.png")  # orphan
     Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(root / "scribbles" / "img5_scribbles.png")  # RGB scribble
     with pytest.raises(ValueError) as info:
         prepare_folder(root / "images", root / "scribbles")
     problems = _problems(info)
     assert str(info.value).startswith("6 problem(s)")
-    expected = ["img1.png", "img2_scribbles.png", "img3.png", "img4_scribble.png", "stray.png", "img5_scribbles.png"]
+    expected = ["img1.png", "img2_scribbles.png", "img3.png", "img4.tif", "stray.png", "img5_scribbles.png"]
     for name in expected:
         assert any(name in p for p in problems), name
     assert not (root / "datalist.json").exists()

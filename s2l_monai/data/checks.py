@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from s2l_monai.errors import DataError
+from s2l_monai.errors import ConfigError, DataError
 
 __all__ = [
     "MIN_SIDE",
@@ -252,7 +252,7 @@ def check_training_items(
         the :class:`TrainingCheck`; nothing is raised here.
     """
     if nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"nonfinite_pixels must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        raise ConfigError(f"nonfinite_pixels must be one of {NONFINITE_MODES}, got {nonfinite!r}")
     report = TrainingCheck()
     if not items:
         report.problems.append("the training list is empty")
@@ -343,7 +343,7 @@ def check_inference_items(
         ``(good items, failures)``.
     """
     if nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"nonfinite_pixels must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        raise ConfigError(f"nonfinite_pixels must be one of {NONFINITE_MODES}, got {nonfinite!r}")
     good: list[dict[str, Any]] = []
     failures: list[str] = []
     for item in items:
@@ -355,3 +355,33 @@ def check_inference_items(
         else:
             good.append(dict(item))
     return good, failures
+
+
+def readable_items(checked: tuple[list[dict[str, Any]], list[str]], what: str = "the input images") -> list[dict[str, Any]]:
+    """The good items of :func:`check_inference_items`; logs the failures, raises when nothing is left.
+
+    Raises:
+        DataError: no item can be read.
+    """
+    good, failures = checked
+    if not good:
+        raise DataError(failures or ["no input image"], what)
+    if failures:
+        logger.warning(
+            f"{len(failures)} input file(s) cannot be segmented and are skipped (listed again at the end):\n  - "
+            + "\n  - ".join(failures)
+        )
+    return good
+
+
+def report_failures(checked: tuple[list[dict[str, Any]], list[str]], output_dir: str | Path) -> None:
+    """After a run over :func:`readable_items`: raise the failures, if any, so the run exits non-zero.
+
+    Raises:
+        DataError: the files that could not be segmented (the others were written to ``output_dir``).
+    """
+    good, failures = checked
+    if failures:
+        raise DataError(
+            failures, f"the input: {len(good)} image(s) were segmented into {output_dir}, these {len(failures)} not"
+        )

@@ -7,6 +7,7 @@ names each offending file and says what is wrong with it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -14,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
+
+from s2l_monai.data.checks import check_image, check_label, check_scribble, read_array
+from s2l_monai.errors import DataError
 
 __all__ = [
     "DEFAULT_VALUES",
@@ -35,27 +38,7 @@ DEFAULT_VALUES: dict[str, int] = {"background": 0, "foreground": 1, "unlabelled"
 DATALIST_NAME = "datalist.json"
 _VALUE_KEYS = ("background", "foreground", "unlabelled")
 _SPLITS = ("training", "validation", "test")
-
-
-def read_array(path: str | Path) -> np.ndarray:
-    """Read a PNG, TIFF or JPEG file into a numpy array (TIFF with tifffile, the others with Pillow).
-
-    Args:
-        path: The file.
-
-    Raises:
-        ValueError: If the file cannot be decoded (the message names it).
-    """
-    path = Path(path)
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            return np.asarray(tifffile.imread(path))
-        with Image.open(path) as im:
-            return np.asarray(im)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from exc
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -109,75 +92,20 @@ def _match(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _spatial_shape(image: np.ndarray) -> tuple[int, int] | None:
-    """HW of an HW or HWC (C <= 4) image, or None if the image is neither."""
-    if image.ndim == 2 or (image.ndim == 3 and 1 <= image.shape[-1] <= 4):
-        return int(image.shape[0]), int(image.shape[1])
-    return None
-
-
-def _as_2d(array: np.ndarray) -> np.ndarray | None:
-    """HW array, also from HW1; None if the array is not single-channel 2D."""
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    return array if array.ndim == 2 else None
-
-
-def _check_scribble(path: Path, shape: tuple[int, int] | None, values: Mapping[str, int]) -> list[str]:
-    try:
-        scribble = _as_2d(read_array(path))
-    except ValueError as exc:
-        return [str(exc)]
-    if scribble is None:
-        return [f"{path}: scribble must be a single-channel HW image (one value per pixel)"]
-    problems = []
-    if shape is not None and scribble.shape != shape:
-        problems.append(f"{path}: scribble shape {scribble.shape} differs from its image's {shape}")
-    found = np.unique(scribble)
-    bad = [v.item() for v in found if v not in set(values.values())]
-    if bad:
-        hint = " (JPEG is lossy: save scribbles as PNG or TIFF)" if path.suffix.lower() in (".jpg", ".jpeg") else ""
-        problems.append(
-            f"{path}: scribble holds undeclared values {bad[:10]}{'...' if len(bad) > 10 else ''}; "
-            f"declared are {dict(values)}{hint}"
-        )
-    labelled = np.isin(scribble, [values["background"], values["foreground"]])
-    if not labelled.any():
-        problems.append(
-            f"{path}: scribble has no labelled pixel (no background {values['background']} "
-            f"or foreground {values['foreground']} value)"
-        )
-    return problems
-
-
-def _check_label(path: Path, shape: tuple[int, int] | None) -> list[str]:
-    try:
-        label = _as_2d(read_array(path))
-    except ValueError as exc:
-        return [str(exc)]
-    if label is None:
-        return [f"{path}: label must be a single-channel HW mask or instance map"]
-    if shape is not None and label.shape != shape:
-        return [f"{path}: label shape {label.shape} differs from its image's {shape}"]
-    return []
-
-
-def _check_item(image: Path, scribble: Path | None, label: Path | None, values: Mapping[str, int]) -> list[str]:
-    """All problems of one image and its scribble/label files."""
-    problems: list[str] = []
-    shape = None
-    try:
-        array = read_array(image)
-        shape = _spatial_shape(array)
-        if shape is None:
-            problems.append(f"{image}: image shape {array.shape} is neither HW nor HWC (at most 4 channels)")
-    except ValueError as exc:
-        problems.append(str(exc))
+def _check_item(
+    image: Path, scribble: Path | None, label: Path | None, values: Mapping[str, int]
+) -> tuple[list[str], bool]:
+    """All problems of one image and its scribble/label files (:mod:`s2l_monai.data.checks`), and whether its
+    scribble holds a labelled pixel."""
+    shape, problems, _ = check_image(image)
+    scribbled = True
     if scribble is not None:
-        problems += _check_scribble(scribble, shape, values)
+        scribble_problems, counts = check_scribble(scribble, shape, values)
+        problems += scribble_problems
+        scribbled = counts["background"] + counts["foreground"] > 0
     if label is not None:
-        problems += _check_label(label, shape)
-    return problems
+        problems += check_label(label, shape)
+    return problems, scribbled
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -256,8 +184,9 @@ def prepare_folder(
 
     Checks (all problems are collected, then raised together): every image has exactly one scribble (and one
     label if ``labels_dir`` is given), no scribble/label matches no image, every file can be read, images are HW
-    or HWC, scribbles and labels are single-channel with the image's HW shape, scribbles hold only the declared
-    ``values`` and have at least one labelled (background or foreground) pixel.
+    or HWC with finite pixels, scribbles and labels are single-channel with the image's HW shape, scribbles hold
+    only the declared ``values`` (:mod:`s2l_monai.data.checks`). Images whose scribble has no labelled pixel are
+    listed in a warning and kept in the datalist: training leaves them out, inference segments them.
 
     The split is seeded: sorted base names, ``np.random.default_rng(seed).permutation``, the first
     ``round(val_fraction * n)`` become validation, the next ``round(test_fraction * n)`` test, the rest training
@@ -280,7 +209,8 @@ def prepare_folder(
 
     Raises:
         FileNotFoundError: If a data folder does not exist.
-        ValueError: On bad parameters, an empty image folder, or any data problem (all of them, one per line).
+        ValueError: On bad parameters.
+        DataError: On an empty image folder, or any data problem (all of them, one per line, naming the files).
     """
     values = dict(DEFAULT_VALUES if values is None else values)
     _validate_params(values, val_fraction, test_fraction, seed)
@@ -289,13 +219,19 @@ def prepare_folder(
     scribbles_root = _existing_dir(scribbles_dir, "scribbles")
     labels_root = _existing_dir(labels_dir, "labels") if labels_dir is not None else None
 
-    items, problems = _collect(images_root, scribbles_root, labels_root, values)
+    items, problems, unscribbled = _collect(images_root, scribbles_root, labels_root, values)
     if problems:
-        raise ValueError(
-            f"{len(problems)} problem(s) in images {images_root}, scribbles {scribbles_root}"
-            + (f", labels {labels_root}" if labels_root else "")
-            + ":\n  - "
-            + "\n  - ".join(problems)
+        raise DataError(
+            problems,
+            f"images {images_root}, scribbles {scribbles_root}" + (f", labels {labels_root}" if labels_root else ""),
+        )
+    if len(unscribbled) == len(items):
+        raise DataError([f"{scribbles_root}: no scribble has a labelled pixel"], "the scribbles")
+    if unscribbled:
+        logger.warning(
+            f"{len(unscribbled)} of {len(items)} image(s) have no scribbled pixel; they stay in the datalist, are "
+            f"left out of training and still segmented by inference: {', '.join(unscribbled[:20])}"
+            + (" ..." if len(unscribbled) > 20 else "")
         )
 
     roots = [images_root, scribbles_root] + ([labels_root] if labels_root else [])
@@ -323,14 +259,15 @@ def prepare_folder(
 
 def _collect(
     images_root: Path, scribbles_root: Path, labels_root: Path | None, values: Mapping[str, int]
-) -> tuple[dict[str, dict[str, Path]], list[str]]:
-    """Pair and check all files; return base name -> {"image", "scribble"[, "label"]} and the problems found."""
+) -> tuple[dict[str, dict[str, Path]], list[str], list[str]]:
+    """Pair and check all files; return base name -> {"image", "scribble"[, "label"]}, the problems found and the
+    names of the images whose scribble has no labelled pixel."""
     problems: list[str] = []
     excluded = [s for s in SCRIBBLE_SUFFIXES if s] if scribbles_root == images_root else []
     excluded += [s for s in LABEL_SUFFIXES if s] if labels_root == images_root else []
     images = _list_files(images_root, excluded_suffixes=excluded)
     if not images:
-        raise ValueError(f"{images_root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+        raise DataError([f"{images_root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found"], "the images")
     for stem, paths in images.items():
         if len(paths) > 1:
             names = ", ".join(p.name for p in paths)
@@ -339,10 +276,14 @@ def _collect(
     labels = _match(images, labels_root, LABEL_SUFFIXES, "label", problems) if labels_root is not None else {}
 
     items: dict[str, dict[str, Path]] = {}
+    unscribbled: list[str] = []
     for stem in tqdm(sorted(images), desc="check", unit="img", disable=len(images) < 50):
         image = images[stem][0]
-        problems += _check_item(image, scribbles.get(stem), labels.get(stem), values)
+        found, scribbled = _check_item(image, scribbles.get(stem), labels.get(stem), values)
+        problems += found
+        if not found and not scribbled:
+            unscribbled.append(image.name)
         items[stem] = {"image": image, "scribble": scribbles.get(stem)}  # type: ignore[dict-item]
         if labels_root is not None:
             items[stem]["label"] = labels.get(stem)  # type: ignore[assignment]
-    return items, problems
+    return items, problems, unscribbled
