@@ -63,7 +63,8 @@ def _randomizables(transform: Any) -> list[Randomizable]:
             continue
         if isinstance(t, Randomizable):
             out.append(t)
-        stack += [v for v in vars(t).values() if isinstance(v, (Randomizable, Compose))] if hasattr(t, "__dict__") else []
+        members = vars(t).values() if hasattr(t, "__dict__") else ()
+        stack += [v for v in members if isinstance(v, (Randomizable, Compose))]
     return out
 
 

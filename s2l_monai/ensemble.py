@@ -146,7 +146,8 @@ class EMAStore:
                     else:
                         legacy.unlink()
         if moved:
-            logging.getLogger(self.__class__.__name__).info(f"EMA store {self.root}: {moved} item(s) renamed to new ids")
+            logger = logging.getLogger(self.__class__.__name__)
+            logger.info(f"EMA store {self.root}: {moved} item(s) renamed to new ids")
 
     def path(self, item_id: str) -> Path:
         """File of an item: its id, or for an id unsafe as a file name, a sanitised id plus a hash of it."""

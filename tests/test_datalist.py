@@ -1,10 +1,9 @@
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
-
-import hashlib
 
 from s2l_monai.data.datalist import ensure_datalist, item_id, legacy_aliases, legacy_item_id, load_datalist
 from s2l_monai.errors import DataError

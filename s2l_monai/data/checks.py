@@ -38,7 +38,8 @@ __all__ = [
 
 #: Smallest accepted image side, in pixels.
 MIN_SIDE = 8
-#: What to do with NaN / infinite pixels: refuse the file, or replace them (:class:`s2l_monai.transforms.ReplaceNonFinited`).
+#: What to do with NaN / infinite pixels: refuse the file, or replace them
+#: (:class:`s2l_monai.transforms.ReplaceNonFinited`).
 NONFINITE_MODES = ("error", "replace")
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,9 @@ def _slices(path: Path) -> tuple[tuple[int, ...], Callable[[int], np.ndarray]]:
         raise ValueError(f"{path}: cannot be read as a volume ({type(exc).__name__}: {exc})") from exc
 
 
-def check_image(path: str | Path, volume: bool = False, nonfinite: str = "error") -> tuple[tuple[int, ...] | None, list[str], list[str]]:
+def check_image(
+    path: str | Path, volume: bool = False, nonfinite: str = "error"
+) -> tuple[tuple[int, ...] | None, list[str], list[str]]:
     """Read an image (or volume) and check it.
 
     Args:
@@ -357,7 +360,9 @@ def check_inference_items(
     return good, failures
 
 
-def readable_items(checked: tuple[list[dict[str, Any]], list[str]], what: str = "the input images") -> list[dict[str, Any]]:
+def readable_items(
+    checked: tuple[list[dict[str, Any]], list[str]], what: str = "the input images"
+) -> list[dict[str, Any]]:
     """The good items of :func:`check_inference_items`; logs the failures, raises when nothing is left.
 
     Raises:
