@@ -3,6 +3,7 @@
 Start it with ``monailabel_app/start_server.sh STUDIES_DIR`` (see the README, "Annotate with MONAI Label"). Options
 (``--conf KEY VALUE``):
 
+* ``max_upload_mb``: largest accepted image or label upload in MiB (default 1024).
 * ``bundle``: the bundle folder (default ``<app>/model/scribble2label``, made from the repository's ``configs/``
   when missing; or extract a zoo package ``scribble2label_v<V>.zip`` there to start from its weights).
 
@@ -17,7 +18,7 @@ import os
 
 import monailabel
 from lib.bundle_config import BUNDLE_NAME, LABELS, ensure_bundle
-from lib.datastore import ScribbleDatastore
+from lib.datastore import DEFAULT_MAX_UPLOAD_MB, ScribbleDatastore
 from lib.infer import ScribbleInferTask
 from lib.train import ScribbleTrainTask
 from monailabel.interfaces.app import MONAILabelApp
@@ -57,6 +58,7 @@ class MyApp(MONAILabelApp):
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            max_upload_mb=float(self.conf.get("max_upload_mb") or DEFAULT_MAX_UPLOAD_MB),
         )
 
     def init_infers(self) -> dict[str, InferTask]:

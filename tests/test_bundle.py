@@ -11,6 +11,7 @@ import pytest
 import torch
 from s2l_testing import default_network, run_bundle
 
+from s2l_monai.data.datalist import item_id
 from s2l_monai.data.synthetic import make_synthetic_dataset
 from s2l_monai.ensemble import EMAStore
 
@@ -44,7 +45,7 @@ def test_training_run_writes_checkpoint_with_ema_store(trained):
     ckpt = torch.load(root / "models" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
     assert set(ckpt) >= {"network", "optimizer", "lr_scheduler", "ema_store", "trainer"}
     assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]
-    assert sorted(ckpt["ema_store"]["items"]) == [f"images__synth_00{i}" for i in range(4)]
+    assert sorted(ckpt["ema_store"]["items"]) == sorted(item_id(f"images/synth_00{i}.png") for i in range(4))
     assert all(v.shape == (1, 96, 96) for v in ckpt["ema_store"]["items"].values())
     figures = sorted((root / "out" / "pseudo_labels").glob("*.png"))
     assert len(figures) == 4 and all(f.name.endswith("_epoch0002.png") for f in figures)

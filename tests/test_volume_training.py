@@ -11,6 +11,7 @@ import pytest
 import torch
 from s2l_testing import run_bundle
 
+from s2l_monai.data.datalist import item_id
 from s2l_monai.data.scribbles import auto_scribbles
 from s2l_monai.data.synthetic import synthetic_nuclei
 from s2l_monai.ensemble import EMAStore
@@ -62,17 +63,18 @@ def test_3d_training_trains_scribbled_slices_and_fills_one_ema_volume(trained_3d
     # one training item per scribbled slice: 3 items, 1 batch of 4 patches... epoch_length = ceil(3 / (4 // 2))
     assert ckpt["trainer"]["epoch_length"] == 2
     items = ckpt["ema_store"]["items"]
-    assert list(items) == ["images__vol"]
-    ema = items["images__vol"].numpy()
+    vol_id = item_id("images/vol.tif")
+    assert list(items) == [vol_id]
+    ema = items[vol_id].numpy()
     assert ema.shape == (1, *SHAPE) and ema.dtype == np.float16
     ensembled = [k for k in range(SHAPE[0]) if not np.isnan(ema[0, k]).any()]
     assert ensembled == list(SCRIBBLED)  # the ensemble covers exactly the slices trained on
     store = EMAStore(root / "out" / "ema")
-    prob = store.probabilities("images__vol", slice_index=4)
+    prob = store.probabilities(vol_id, slice_index=4)
     assert prob.shape == (2, 64, 64) and np.allclose(prob.sum(0), 1.0, atol=1e-3)
-    assert store.probabilities("images__vol", slice_index=0) is None
+    assert store.probabilities(vol_id, slice_index=0) is None
     figures = sorted(p.name for p in (root / "out" / "pseudo_labels").glob("*.png"))
-    assert "images__vol_z0001_epoch0002.png" in figures
+    assert f"{vol_id}_z0001_epoch0002.png" in figures
 
 
 def test_3d_inference_and_evaluation_keep_the_input_geometry(trained_3d, tmp_path):

@@ -24,6 +24,7 @@ __all__ = [
     "FOREGROUND_NAMES",
     "default_label_values",
     "label_values",
+    "label_values_named",
     "scribble_counts",
     "to_bundle_scribbles",
     "unknown_values",
@@ -67,6 +68,14 @@ def _info_entries(label_info: Any) -> Iterable[tuple[str, int]]:
         value = entry.get("idx", entry.get("id"))
         if value is not None:
             yield str(entry["name"]), int(value)
+
+
+def label_values_named(label_info: Any) -> set[int]:
+    """The values a ``label_info`` names (any segment name), e.g. ``{3}`` for ``[{"name": "x", "idx": 3}]``."""
+    try:
+        return {value for _, value in _info_entries(label_info)}
+    except (TypeError, ValueError):
+        return set()
 
 
 def label_values(labels: Mapping[str, int], label_info: Any = None) -> dict[int, int]:

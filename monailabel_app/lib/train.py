@@ -140,6 +140,8 @@ class ScribbleTrainTask(BundleTrainTask):
                 "output_dir": str(self.work_dir / "train"),
                 "ckpt_dir": str(Path(self.bundle_path) / "models"),
                 "slice_axis": 0 if volumes else None,
+                # the EMA store of unchanged images carries over from the previous training (refresh_ema_store)
+                "reuse_ema_store": True,
                 # BundleTrainTask sets the trainer's epochs itself (50 by default); the schedule decides them here
                 self.const.key_train_trainer_max_epochs(): "$@schedule.max_epochs",
             }

@@ -39,6 +39,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: The test server's upload limit (``--conf max_upload_mb``): above every label and image the test sends but one.
+MAX_UPLOAD_MB = 2
+
+
 class Server:
     """A ``monailabel start_server`` process on 127.0.0.1 with the app, a studies folder and a bundle folder."""
 
@@ -47,7 +51,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {**os.environ, "S2L_MONAILABEL_VENV": str(venv)}
-        cmd = ["bash", str(START_SERVER), str(studies), str(self.port), "--conf", "bundle", str(bundle)]
+        cmd = ["bash", str(START_SERVER), str(studies), str(self.port), "--conf", "bundle", str(bundle),
+               "--conf", "max_upload_mb", str(MAX_UPLOAD_MB)]
         self._out = open(log, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 

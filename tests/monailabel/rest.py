@@ -75,6 +75,11 @@ class Client:
         body, ctype = _multipart({"params": json.dumps(params or {})}, {"label": (filename, data)})
         return self.request("PUT", "/datastore/label", {"image": image, "tag": tag}, body, ctype)
 
+    def put_image(self, image: str, data: bytes, filename: str) -> Response:
+        """``PUT /datastore/?image=<id>``: upload a new image."""
+        body, ctype = _multipart({}, {"file": (filename, data)})
+        return self.request("PUT", "/datastore/", {"image": image}, body, ctype)
+
     def train(self, model: str, params: dict[str, Any]) -> Response:
         """``POST /train/<model>`` with the training options as the JSON body."""
         body = json.dumps(params).encode()

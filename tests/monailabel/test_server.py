@@ -3,7 +3,8 @@
 Real DSB2018 fluorescence images are served from a studies folder; automatic scribbles are uploaded as MONAI
 Label labels over REST (0 = nothing drawn, 2 = background_scribbles, 3 = foreground_scribbles); training runs
 twice (the second run resumes from the first model and reuses its EMA store); inference on two held-out images is
-compared with their full masks. Unsafe or wrong-shape uploads must be refused and leave the datastore unchanged.
+compared with their full masks. Unsafe, corrupt, NaN, wrong-shape, undeclared-value and oversized uploads must be
+refused and leave the datastore unchanged.
 
 Run it with ``bash monailabel_app/run_test.sh`` (it builds the MONAI Label environment first if needed).
 """
@@ -69,6 +70,12 @@ def stack_of(zip_path: Path, image_ids: tuple[str, ...]) -> np.ndarray:
                          for i in image_ids])
 
 
+def tiff_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, array)
+    return buf.getvalue()
+
+
 def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
@@ -96,16 +103,30 @@ def test_scribbles_train_infer_against_real_server(dsb_zip: Path, server_factory
     # --- refused uploads leave the datastore (and everything around it) unchanged ---
     before = snapshot(tmp_path, skip=("bundle", "server.log"))
     label = scribble_label_png(dsb_zip, TRAIN_IDS[0], SCRIBBLE_RATIO)
+    shape = np.asarray(Image.open(studies / f"{TRAIN_IDS[0]}.png")).shape[:2]
+    nan_label = np.zeros(shape, np.float32)
+    nan_label[:4, :4] = np.nan
+    undeclared = np.asarray(Image.open(io.BytesIO(label))).copy()
+    undeclared[:3, :3] = 7
     refused = {
         "traversal tag": client.put_label(TRAIN_IDS[0], label, tag="../../escaped"),
         "traversal image": client.put_label("../../" + TRAIN_IDS[0], label),
         "wrong shape": client.put_label(TRAIN_IDS[0], png_bytes(np.zeros((128, 200), np.uint8))),
+        "NaN label": client.put_label(TRAIN_IDS[0], tiff_bytes(nan_label), filename="label.tif"),
+        "undeclared values": client.put_label(TRAIN_IDS[0], png_bytes(undeclared)),
+        "oversized label": client.put_label(TRAIN_IDS[0], tiff_bytes(np.zeros((1200, 1200, 2), np.uint8)),
+                                            filename="label.tif"),
+        "corrupt image": client.put_image("corrupt_upload", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "corrupt.png"),
+        "NaN image": client.put_image("nan_upload", tiff_bytes(nan_label), "nan.tif"),
     }
     for what, r in refused.items():
         assert 400 <= r.status < 500, (what, r.status, r.text)
         assert "refused" in r.json()["detail"], (what, r.text)
         report[f"refused {what}"] = f"{r.status} {r.json()['detail']}"
     assert "shape (128, 200) differs" in refused["wrong shape"].json()["detail"]
+    assert "NaN" in refused["NaN label"].json()["detail"] and "NaN" in refused["NaN image"].json()["detail"]
+    assert "[7]" in refused["undeclared values"].json()["detail"]
+    assert refused["oversized label"].status == 413
     assert snapshot(tmp_path, skip=("bundle", "server.log")) == before
 
     # --- training: first run, then a second that resumes and reuses the EMA store ---
