@@ -127,7 +127,7 @@ def test_list_images_sorted_and_rejects_shared_base_names(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
         list_images(tmp_path / "empty")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="folder does not exist"):
         list_images(tmp_path / "absent")
     assert image_stem("/d/x.ome.tiff") == "x" and image_stem("y.v2.png") == "y.v2"
 
