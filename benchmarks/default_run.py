@@ -30,8 +30,11 @@ from benchmarks.common import (  # noqa: E402
     write_text_atomic,
 )
 
-METRICS_LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- (.*)$")
-EPOCH_TIME = re.compile(r"Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):([\d.]+)")
+#: ``s2l_monai.handlers.EpochSummary``'s line: "epoch 3/12 in 20.1 s, step 150/600: loss 0.412 (L_sp 0.301, L_up
+#: 0.222); Omega_g 41.0% of unscribbled pixels; last ensemble 2.1 s"
+EPOCH_LINE = re.compile(r"s2l - INFO - epoch (\d+)/\d+ in ([\d.]+) s, step \d+(?:/\d+)?: (.*)$")
+_TERMS = {"train_loss": r"loss ([-\d.eE+]+)", "loss_sp": r"L_sp ([-\d.eE+]+)", "loss_up": r"L_up ([-\d.eE+]+)",
+          "omega_g": r"Omega_g ([\d.]+)%"}
 ENSEMBLE_LINE = re.compile(r"Epoch (\d+), step (\d+): ensemble of (\d+) items in ([\d.]+) s; ([\d.]+)% of unscribbled")
 SCHEDULE_LINE = re.compile(r"ScheduleHandler - INFO - (schedule: .*)$", re.M)
 PRIOR_LINE = re.compile(r"s2l_monai.prior - INFO - (class prior .*)$", re.M)
@@ -45,17 +48,21 @@ def parse_ensembles(text: str) -> list[dict[str, float]]:
 
 
 def parse_log(text: str) -> tuple[dict[int, dict[str, float]], dict[int, float]]:
-    """Per-epoch metrics (``Epoch[N] Metrics -- k: v ...``) and epoch wall times (Ignite's ``Complete`` lines)."""
+    """Per-epoch metrics and epoch wall times, from the ``EpochSummary`` lines (one per epoch)."""
     metrics: dict[int, dict[str, float]] = {}
     times: dict[int, float] = {}
     for line in text.splitlines():
-        m = METRICS_LINE.search(line)
-        if m:
-            pairs = re.findall(r"(\w+): ([-\d.eE+]+)", m.group(2))
-            metrics[int(m.group(1))] = {k: float(v) for k, v in pairs}
-        t = EPOCH_TIME.search(line)
-        if t:
-            times[int(t.group(1))] = int(t.group(2)) * 3600 + int(t.group(3)) * 60 + float(t.group(4))
+        m = EPOCH_LINE.search(line)
+        if not m:
+            continue
+        epoch = int(m.group(1))
+        times[epoch] = float(m.group(2))
+        values = {}
+        for key, pattern in _TERMS.items():
+            found = re.search(pattern, m.group(3))
+            if found:
+                values[key] = float(found.group(1)) / (100 if key == "omega_g" else 1)
+        metrics[epoch] = values
     return metrics, times
 
 
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True)
     py = sys.executable
     train_cmd = [py, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
-                 "--dataset_dir", str(work / "data"), "--output_dir", str(work / "run"),
+                 "--synthetic_dir", str(work / "data"), "--output_dir", str(work / "run"),
                  "--ckpt_dir", str(work / "models")]
     result = run_measured(train_cmd, cwd=REPO, log_path=work / "train.log")
     if result.returncode != 0:

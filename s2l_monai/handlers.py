@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", "0.5", min_version, "Engine")
 
-__all__ = ["FiniteGuard", "ScribbleLossHandler"]
+__all__ = ["EpochSummary", "FiniteGuard", "ScribbleLossHandler"]
 
 
 class ScribbleLossHandler:
@@ -117,3 +117,50 @@ class FiniteGuard:
                 f"{engine.state.epoch}; first: {bad[0]}); batch items: {self._items(engine)}. Nothing was saved "
                 "from this step; the last epoch's checkpoint is kept. Lower learning_rate."
             )
+
+
+class EpochSummary:
+    """One log line per epoch and one at the end, in place of Ignite's and StatsHandler's several.
+
+    ``epoch 3/12 in 20.1 s, step 150/600: loss 0.412 (L_sp 0.301, L_up 0.222); Omega_g 41.0% of unscribbled pixels;
+    last ensemble 2.1 s`` — the epoch's means of the trainer metrics ``train_loss``, ``loss_sp``, ``loss_up``,
+    ``omega_g`` and the last ensemble's time, where present.
+    At the end: steps, minutes, and where the model was written.
+
+    Args:
+        model_path: the final model file, named in the last line.
+        schedule: the run's schedule, for the step budget (optional).
+    """
+
+    def __init__(self, model_path: str | None = None, schedule: TrainingSchedule | None = None) -> None:
+        import logging
+
+        self.model_path = model_path
+        self.schedule = schedule
+        self.logger = logging.getLogger("s2l")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def epoch_completed(self, engine: Engine) -> None:
+        m = engine.state.metrics
+        steps = f"/{self.schedule.total_steps}" if self.schedule is not None else ""
+        took = engine.state.times.get("EPOCH_COMPLETED")
+        took = f" in {took:.1f} s" if took is not None else ""
+        parts = [f"epoch {engine.state.epoch}/{engine.state.max_epochs}{took}, step {engine.state.iteration}{steps}:"]
+        if "train_loss" in m:
+            terms = ", ".join(f"{name} {m[key]:.3f}" for key, name in (("loss_sp", "L_sp"), ("loss_up", "L_up"))
+                              if key in m)
+            parts.append(f"loss {m['train_loss']:.3f}" + (f" ({terms})" if terms else ""))
+        if "omega_g" in m:
+            parts.append(f"Omega_g {100 * m['omega_g']:.1f}% of unscribbled pixels")
+        if "ensemble_seconds" in m:
+            parts.append(f"last ensemble {m['ensemble_seconds']:.1f} s")
+        self.logger.info(" ".join(parts[:1]) + " " + "; ".join(parts[1:]))
+
+    def completed(self, engine: Engine) -> None:
+        seconds = getattr(self.schedule, "seconds", lambda: None)() if self.schedule is not None else None
+        took = f" in {seconds / 60:.1f} min of training" if seconds is not None else ""
+        where = f"; model: {self.model_path}" if self.model_path else ""
+        self.logger.info(f"training finished after {engine.state.iteration} steps{took}{where}")

@@ -92,8 +92,15 @@ class TrainingSchedule:
             raise ValueError("set a budget: max_steps or max_epochs.")
         self.max_seconds = float(max_seconds) if max_seconds is not None and float(max_seconds) > 0 else None
 
+        self.notes: list[str] = []  # what the user should know about this schedule (logged at start)
         if warmup_epochs is not None:
             warmup = warmup_epochs * self.steps_per_epoch / self.total_steps
+            if warmup >= 1.0:
+                self.notes.append(
+                    f"warmup_epochs {warmup_epochs} >= the run's {self.total_steps / self.steps_per_epoch:g} epochs: "
+                    "the pseudo-label loss never switches on (this is partial cross-entropy only)"
+                )
+                warmup = 1.0
         if not 0.0 <= warmup <= 1.0:
             raise ValueError(f"warmup must be a share of the run in [0, 1], got {warmup}.")
         self.warmup = float(warmup)
@@ -120,6 +127,13 @@ class TrainingSchedule:
         self.epoch_grid = ema_every is not None
         self.ensemble_start = self.ensemble_interval if self.epoch_grid else max(
             self.ensemble_interval, self.warmup - self.ensemble_interval)
+        if not self.ensemble_points and self.warmup < 1.0:
+            self.notes.append(
+                f"no ensemble fits in the run (ensemble interval {self.ensemble_interval:.2f} of the run"
+                + (f", ema_every {ema_every} epochs > {self.total_steps / self.steps_per_epoch:g} epochs" if ema_every
+                   else "")
+                + "): no pseudo-label is ever made"
+            )
         # state (saved in checkpoints): training seconds before this process, the last step seen
         self.seconds_before = 0.0
         self.step = 0
@@ -253,6 +267,8 @@ class ScheduleHandler:
         self.schedule.start_clock()
         self._synced = False
         self.logger.info(self.schedule.describe())
+        for note in self.schedule.notes:
+            self.logger.warning(note)
 
     def iteration_started(self, engine: Engine) -> None:
         # at the first step, not at STARTED: a resumed run's CheckpointLoader restores the iteration (and the

@@ -40,7 +40,9 @@ def trained(tmp_path_factory):
 def test_training_run_writes_checkpoint_with_ema_store(trained):
     root, _, proc = trained
     log = proc.stdout + proc.stderr
-    assert re.search(r"Epoch\[2\] Metrics -- .*ema_coverage", log), log[-3000:]
+    assert re.search(r"s2l - INFO - epoch 2/2 in [\d.]+ s, step \d+/\d+: loss .*last ensemble", log), log[-3000:]
+    assert "Key metric" not in log and "Epoch[2] Complete" not in log  # one line per epoch
+    assert "training finished after" in log and "model.pt" in log
     assert (root / "models" / "model.pt").is_file()
     ckpt = torch.load(root / "models" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
     assert set(ckpt) >= {"network", "optimizer", "lr_scheduler", "ema_store", "trainer"}
@@ -64,7 +66,7 @@ def test_resume_restores_ema_store_and_epoch(trained):
     ckpt = shutil.copy(root / "models" / "checkpoint_final.pt", root / "resume.pt")
     proc = _run(*common, "--max_epochs", "3", "--resume_from", str(ckpt))
     log = proc.stdout + proc.stderr
-    assert "Epoch[3] Metrics" in log and "Epoch[1] Metrics" not in log, log[-3000:]
+    assert "s2l - INFO - epoch 3/3" in log and "epoch 1/" not in log, log[-3000:]
     # epoch 3 runs no ensemble (every 2), so the store holds exactly what the checkpoint held
     store = EMAStore(root / "out" / "ema", num_classes=2)
     assert store.ids() == sorted(saved["ema_store"]["items"])
