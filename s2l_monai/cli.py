@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["build_parser", "main"]
@@ -223,6 +224,57 @@ def _cmd_balance(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``s2l <command>`` -> (bundle run id, config file in ``configs/``) of the bundle launchers.
+BUNDLE_COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("training", "train.json"),
+    "segment": ("inference", "inference.json"),
+}
+
+
+def _configs_dir() -> Path:
+    """The bundle's ``configs/`` folder: next to the package (repository checkout), else ``./configs``."""
+    here = Path(__file__).resolve().parents[1] / "configs"
+    return here if (here / "train.json").is_file() else Path("configs").resolve()
+
+
+def _add_bundle_commands(subparsers: Any) -> None:
+    """Register ``s2l train`` and ``s2l segment``: the bundle's runs, launched for a shared machine."""
+    for name, (run_id, config) in BUNDLE_COMMANDS.items():
+        sub = subparsers.add_parser(
+            name,
+            help=f"run the bundle's {run_id} (python -m monai.bundle run {run_id} --config_file configs/{config}); "
+            "other options are passed to it, e.g. --dataset_dir DIR",
+            description=f"Launch `python -m monai.bundle run {run_id} --config_file configs/{config}` with every "
+            "other option passed through (--key value overrides of the config). The launcher sets "
+            "OMP_WAIT_POLICY=PASSIVE unless it is set (PyTorch's spinning OpenMP threads make a run on a busy "
+            "machine several times slower) and hides MONAI's notice about evaluating config files, which is "
+            "about configs from elsewhere, not the bundle's own.",
+        )
+        sub.add_argument("--config_file", default=None, help=f"config file (default configs/{config} of the bundle)")
+        sub.set_defaults(func=_cmd_bundle, run_id=run_id, config=config, passthrough=True)
+
+
+def bundle_command(run_id: str, config_file: str, overrides: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that ``s2l train`` / ``s2l segment`` execute."""
+    import os
+
+    cmd = [sys.executable, "-W", "ignore:parsing config_file:UserWarning", "-m", "monai.bundle", "run", run_id,
+           "--config_file", config_file, *overrides]
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return cmd, env
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    """Replace this process by the bundle run (so signals, exit status and output are the run's own)."""
+    import os
+
+    config = args.config_file or str(_configs_dir() / args.config)
+    cmd, env = bundle_command(args.run_id, config, args.overrides)
+    os.execve(sys.executable, cmd, env)
+    return 0  # pragma: no cover - execve does not return
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``s2l`` argument parser with all commands registered."""
     parser = argparse.ArgumentParser(
@@ -236,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_otsu(commands)
     _add_balance(commands)
+    _add_bundle_commands(commands)
     return parser
 
 
@@ -246,7 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     instead of a traceback.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides = rest
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError) as exc:
