@@ -50,7 +50,8 @@ def _add_prepare(subparsers: Any) -> None:
     folder.add_argument("--scribbles", required=True, help="folder of scribbles (a.png or a_scribble.png for a.png)")
     folder.add_argument("--labels", default=None, help="optional folder of full masks, for evaluation")
     folder.add_argument("--out", default=None, help="where datalist.json goes (default: common parent of the data)")
-    folder.add_argument("--val-fraction", type=float, default=0.2, help="validation share (default 0.2)")
+    folder.add_argument("--val-fraction", type=float, default=0.0,
+                        help="validation share (default 0: training uses only the training list)")
     folder.add_argument("--test-fraction", type=float, default=0.0, help="test share (default 0)")
     folder.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     folder.add_argument("--background", type=int, default=0, help="scribble value of background (default 0)")

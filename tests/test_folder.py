@@ -51,11 +51,13 @@ def _all_items(datalist: dict) -> list[dict]:
 
 def test_good_folder(tmp_path: Path) -> None:
     root = make_dataset(tmp_path / "data")
-    path = prepare_folder(root / "images", root / "scribbles", labels_dir=root / "labels")
+    path = prepare_folder(root / "images", root / "scribbles", labels_dir=root / "labels", val_fraction=0.2)
     assert path == (root / "datalist.json").resolve()
     datalist = json.loads(path.read_text())
     assert datalist["scribble_values"] == {"background": 0, "foreground": 1, "unlabelled": 255}
     assert (len(datalist["training"]), len(datalist["validation"]), len(datalist["test"])) == (4, 1, 0)
+    default = json.loads(prepare_folder(root / "images", root / "scribbles").read_text())
+    assert (len(default["training"]), len(default["validation"])) == (5, 0)  # every scribble trains by default
     items = _all_items(datalist)
     assert sorted(Path(it["image"]).stem for it in items) == [f"img{i}" for i in range(5)]
     for item in items:
@@ -80,12 +82,12 @@ def test_split_is_seeded(tmp_path: Path) -> None:
     assert other["validation"] != first["validation"]
 
 
-def test_out_dir_elsewhere_gives_absolute_paths(tmp_path: Path) -> None:
+def test_out_dir_elsewhere_gives_relative_paths(tmp_path: Path) -> None:
     root = make_dataset(tmp_path / "data", labels=False)
     path = prepare_folder(root / "images", root / "scribbles", out_dir=tmp_path / "elsewhere")
     assert path == (tmp_path / "elsewhere" / "datalist.json").resolve()
     for item in _all_items(json.loads(path.read_text())):
-        assert all(Path(p).is_absolute() and Path(p).is_file() for p in item.values())
+        assert all(p.startswith("../data/") and (path.parent / p).is_file() for p in item.values())
 
 
 def test_same_folder_with_suffixes(tmp_path: Path) -> None:

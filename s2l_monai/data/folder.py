@@ -136,10 +136,11 @@ def _split(stems: Sequence[str], val_fraction: float, test_fraction: float, seed
 
 
 def _relative_or_absolute(path: Path, root: Path) -> str:
-    """``path`` relative to ``root`` (POSIX separators) if it lies inside ``root``, else absolute."""
+    """``path`` relative to ``root`` (POSIX separators, ``../`` where it lies outside), absolute only where no
+    relative path exists (another drive on Windows)."""
     path = path.resolve()
     try:
-        return path.relative_to(root).as_posix()
+        return Path(os.path.relpath(path, root)).as_posix()
     except ValueError:
         return str(path)
 
@@ -171,7 +172,7 @@ def prepare_folder(
     out_dir: str | os.PathLike | None = None,
     labels_dir: str | os.PathLike | None = None,
     values: Mapping[str, int] | None = None,
-    val_fraction: float = 0.2,
+    val_fraction: float = 0.0,
     test_fraction: float = 0.0,
     seed: int = 0,
 ) -> Path:
@@ -197,10 +198,12 @@ def prepare_folder(
         images_dir: Folder of images.
         scribbles_dir: Folder of scribble maps.
         out_dir: Where ``datalist.json`` goes; default the deepest folder holding all the data folders.
-            Paths inside ``out_dir`` are written relative to it, others absolute.
+            Paths are written relative to it (with ``../`` for data outside it), so the folder can be moved with
+            its data.
         labels_dir: Optional folder of full masks or instance maps (for evaluation only).
         values: Scribble values ``{"background", "foreground", "unlabelled"}``; default 0 / 1 / 255.
-        val_fraction: Share of images for validation.
+        val_fraction: Share of images for validation (default 0: training reads only the ``training`` list, so
+            every scribble trains; a validation split is for your own model selection with ``s2l evaluate``).
         test_fraction: Share of images for test.
         seed: Seed of the split.
 
