@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     py = sys.executable
-    train_cmd = [py, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
+    train_cmd = [py, "-m", "s2l_monai", "train",
                  "--synthetic_dir", str(work / "data"), "--output_dir", str(work / "run"),
                  "--ckpt_dir", str(work / "models")]
     result = run_measured(train_cmd, cwd=REPO, log_path=work / "train.log")
@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         "# Default training run (README command 1)",
         "",
-        f"- command: `python -m monai.bundle run training --config_file configs/train.json` "
-        f"(measured by `python benchmarks/default_run.py`, with `--dataset_dir/--output_dir/--ckpt_dir` in {work})",
+        f"- command: `s2l train` (= `python -m monai.bundle run training --config_file configs/train.json`, "
+        f"passive OpenMP threads; measured by `python benchmarks/default_run.py`, with "
+        f"`--synthetic_dir/--output_dir/--ckpt_dir` in {work})",
         f"- date: {now_iso()}, commit {git_commit(REPO)}",
         f"- machine: {machine_line(info)}",
         f"- wall time (synthetic data generation + {steps} steps in {len(times)} epochs + checkpoints): "
