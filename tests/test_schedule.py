@@ -99,6 +99,19 @@ def test_invalid_budgets_are_refused():
         TrainingSchedule(5, max_steps=10, warmup=1.5)
 
 
+def test_schedules_that_never_use_pseudo_labels_are_flagged():
+    assert TrainingSchedule(10, max_steps=1200).notes == []
+    no_ensemble = TrainingSchedule(10, max_epochs=3, ema_every=5, warmup_epochs=1)
+    assert no_ensemble.ensemble_points == []
+    assert no_ensemble.notes == [
+        "no ensemble fits in the run (ensemble interval 1.67 of the run, ema_every 5 epochs > 3 epochs): no "
+        "pseudo-label is ever made"
+    ]
+    long_warmup = TrainingSchedule(10, max_epochs=3, warmup_epochs=5)
+    assert long_warmup.warmup == 1.0 and long_warmup.in_warmup(29) and not long_warmup.finished(29)
+    assert long_warmup.notes[0].startswith("warmup_epochs 5 >= the run's 3 epochs")
+
+
 class _Const(torch.nn.Module):
     def __init__(self):
         super().__init__()
