@@ -26,7 +26,7 @@ from benchmarks.common import machine_info, machine_line, markdown_table, now_is
 
 KILL_STEPS = 24
 #: point -> range of the pass that is killed (drawn with a seeded generator per point and repetition)
-KILL_POINTS = {"step": (2, KILL_STEPS - 1), "ensemble_item": (1, 12), "checkpoint_write": (1, 6)}
+KILL_POINTS = {"step": (2, KILL_STEPS - 1), "ensemble_item": (1, 12), "checkpoint_write": (1, 5)}
 
 
 def _first_lines(text: str, n: int = 2) -> str:

@@ -30,7 +30,14 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", "0.5", min_version, "Engine")
 
-__all__ = ["CHECKPOINT_PATTERN", "RandomStates", "ResumeCheckpointer", "latest_checkpoint", "resolve_resume"]
+__all__ = [
+    "CHECKPOINT_PATTERN",
+    "RandomStates",
+    "ResumeCheckpointer",
+    "latest_checkpoint",
+    "resolve_resume",
+    "run_or_finish",
+]
 
 #: File names of the per-epoch checkpoints; the group is the epoch.
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_epoch=(\d+)\.pt$")
@@ -211,3 +218,20 @@ class ResumeCheckpointer:
     def completed(self, engine: Engine) -> None:
         if self.final_filename:
             self.save(self.final_filename)
+
+
+def run_or_finish(trainer: Engine) -> None:
+    """Run the trainer; if a resumed checkpoint already holds the whole run, only write its final files.
+
+    A run killed after its last epoch's checkpoint (e.g. while writing ``checkpoint_final.pt``) resumes from a state
+    in which every epoch is done; Ignite would then start a new run from epoch 0 on the trained weights. Here the
+    ``COMPLETED`` handlers (final checkpoint, ``model.pt``, the summary line) run instead, so the result is the
+    uninterrupted run's.
+    """
+    state = trainer.state
+    done = state.max_epochs is not None and state.epoch >= state.max_epochs and state.iteration > 0
+    if not done:
+        trainer.run()
+        return
+    logger.info(f"the resumed checkpoint holds the finished run (epoch {state.epoch}): writing its final files")
+    trainer.fire_event(Events.COMPLETED)

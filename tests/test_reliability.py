@@ -192,12 +192,17 @@ def uninterrupted(tmp_path_factory):
     return data, _final_state(tmp / "run")
 
 
-@pytest.mark.parametrize("point", ["step", "ensemble_item", "checkpoint_write"])
-def test_kill_9_then_resume_matches_the_uninterrupted_run(point: str, uninterrupted, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("point", "n"),
+    [("step", None), ("ensemble_item", None), ("checkpoint_write", None), ("checkpoint_write", 5)],
+    ids=["step", "ensemble_item", "checkpoint_write", "final_checkpoint_write"],
+)
+def test_kill_9_then_resume_matches_the_uninterrupted_run(point: str, n, uninterrupted, tmp_path: Path) -> None:
     data, reference = uninterrupted
-    # seeded random point: which pass through the fault point kills the process
-    limits = {"step": (2, KILL_STEPS - 1), "ensemble_item": (1, 12), "checkpoint_write": (1, 6)}
-    n = random.Random(f"s2l-{point}").randint(*limits[point])
+    # seeded random point: which pass through the fault point kills the process (the 5th checkpoint write is
+    # checkpoint_final.pt, after the last epoch's: the resumed run has nothing left to train)
+    limits = {"step": (2, KILL_STEPS - 1), "ensemble_item": (1, 12), "checkpoint_write": (1, 4)}
+    n = n or random.Random(f"s2l-{point}").randint(*limits[point])
     run = tmp_path / "run"
     killed = run_training(data, run, "--max_steps", str(KILL_STEPS), "--num_workers", "1", "--resume_from", "latest",
                           env={FAULT_ENV: f"{point}:{n}"})
