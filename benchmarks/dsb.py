@@ -312,6 +312,7 @@ def train_command(run: RunSpec, profile: str, dataset_dir: Path, run_dir: Path, 
         "--ckpt_dir", str(run_dir / "ckpt"),
         "--seed", str(run.seed),
         "--in_channels", str(IN_CHANNELS[run.modality]),
+        "--test_evaluation", "false",  # evaluated below, outside the timed training
     ]
     for key, value in train_overrides(run, profile, smoke).items():
         cmd += [f"--{key}", _cli_value(value)]

@@ -140,7 +140,7 @@ def test_default_profile_adds_only_the_method_overrides(tmp_path: Path) -> None:
     """``default``: configs/train.json as it is; every flag after the run's own (data, folders, seed, channels) is
     one of the method's overrides."""
     own = {"--config_file", "--dataset_dir", "--datalist_name", "--output_dir", "--ckpt_dir", "--seed",
-           "--in_channels"}
+           "--in_channels", "--test_evaluation"}
     for method in ("s2l", "pce", "pseudo", "rloss", "full"):
         run = dsb.RunSpec("brightfield", None if method == "full" else 0.3, method, 1)
         cmd = dsb.train_command(run, "default", tmp_path, tmp_path / "r")

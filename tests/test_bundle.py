@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from s2l_testing import default_network, run_bundle
 
 from s2l_monai.data.datalist import item_id
@@ -43,6 +45,15 @@ def test_training_run_writes_checkpoint_with_ema_store(trained):
     assert re.search(r"s2l - INFO - epoch 2/2 in [\d.]+ s, step \d+/\d+: loss .*last ensemble", log), log[-3000:]
     assert "Key metric" not in log and "Epoch[2] Complete" not in log  # one line per epoch
     assert "training finished after" in log and "model.pt" in log
+    # the run ends with the labelled test split, model beside Otsu, and a picture
+    m = re.search(r"test split \(1 images with full masks\): this model IoU ([\d.]+), DSB score [\d.]+; Otsu "
+                  r"threshold IoU ([\d.]+)", log)
+    assert m, log[-3000:]
+    report = json.loads((root / "out" / "test_evaluation" / "comparison.json").read_text())
+    assert report["model"]["iou"] == pytest.approx(float(m.group(1)), abs=5e-4)
+    assert report["otsu"]["iou"] == pytest.approx(float(m.group(2)), abs=5e-4)
+    figure = np.asarray(Image.open(root / "out" / "test_evaluation" / "comparison.png"))
+    assert figure.shape == (96, 4 * 96 + 3 * 4, 3)
     assert (root / "models" / "model.pt").is_file()
     ckpt = torch.load(root / "models" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
     assert set(ckpt) >= {"network", "optimizer", "lr_scheduler", "ema_store", "trainer"}
