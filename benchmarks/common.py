@@ -258,7 +258,7 @@ class RunResult:
 #: wait policy (spinning), a 2-core machine where anything else runs (a data-loader worker, another job) slowed
 #: an ensemble pass over 128 slices from 7 s to 104 s and 6 epochs of the default training from 16-22 s to 161 s;
 #: PASSIVE kept them at 7 s and 22 s (about 25% slower than spinning on an idle machine). Measured 2026-11-25,
-#: 2 cores; see README "Speed on small machines". Timings should not depend on what else happens to run.
+#: 2 cores; see docs/design.md, "Speed on small machines". Timings should not depend on what else happens to run.
 CHILD_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 

@@ -1,6 +1,6 @@
 """MONAI Label app that serves the Scribble2Label bundle.
 
-Start it with ``monailabel_app/start_server.sh STUDIES_DIR`` (see the README, "Annotate with MONAI Label"). Options
+Start it with ``monailabel_app/start_server.sh STUDIES_DIR`` (see docs/monailabel.md). Options
 (``--conf KEY VALUE``):
 
 * ``max_upload_mb``: largest accepted image or label upload in MiB (default 1024).

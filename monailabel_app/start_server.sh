@@ -11,7 +11,7 @@ shift $(( $# >= 2 ? 2 : 1 ))
 # Same as the `monailabel start_server` command, with this environment's python (that script runs `python` from PATH).
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 # Training and inference share the CPU with the server and the data-loader workers: keep PyTorch's OpenMP threads
-# from spinning (README "Speed on small machines"); an OMP_WAIT_POLICY already set wins.
+# from spinning (docs/design.md, "Speed on small machines"); an OMP_WAIT_POLICY already set wins.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 exec "$venv/bin/python" -m monailabel.main start_server --app "$here" --studies "$studies" --host 127.0.0.1 --port "$port" \
     --conf zoo_source github --conf sam2 false "$@"

@@ -192,7 +192,7 @@ def _add_balance(subparsers: Any) -> None:
             "Count scribbled pixels per class over a datalist section and compare their foreground share with "
             "the images' (from full masks where every item has one, or --foreground-fraction, your estimate). "
             "Prints the class_weights override for configs/train.json that gives the scribbled pixels the images' "
-            "class frequencies (importance weights; see README, 'Class weights')."
+            "class frequencies (importance weights; see docs/configuration.md, 'Class prior')."
         ),
     )
     balance.add_argument("--datalist", required=True, help="datalist.json, or the dataset folder holding it")
