@@ -9,6 +9,7 @@ random states a resumed run needs to draw the same batches and augmentations as 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -34,6 +35,7 @@ __all__ = [
     "CHECKPOINT_PATTERN",
     "RandomStates",
     "ResumeCheckpointer",
+    "TimedSnapshots",
     "latest_checkpoint",
     "resolve_resume",
     "run_or_finish",
@@ -235,3 +237,42 @@ def run_or_finish(trainer: Engine) -> None:
         return
     logger.info(f"the resumed checkpoint holds the finished run (epoch {state.epoch}): writing its final files")
     trainer.fire_event(Events.COMPLETED)
+
+
+class TimedSnapshots:
+    """Save the network's weights when the training clock passes given minutes (for learning curves).
+
+    At every step the schedule's training time (this process plus the ones before it, ensembles included) is read;
+    each target in ``minutes`` that has been passed gets ``<save_dir>/model_<minutes>min.pt`` (a ``model.pt``-style
+    state dict, written atomically) and a line in ``<save_dir>/snapshots.json`` (minutes asked, seconds and step
+    reached). ``benchmarks/learning_curve.py`` evaluates them on the test split.
+
+    Args:
+        network: the trained network.
+        schedule: the run's :class:`s2l_monai.schedule.TrainingSchedule` (its clock).
+        minutes: training times in minutes, any order.
+        save_dir: output folder.
+    """
+
+    def __init__(self, network: torch.nn.Module, schedule: Any, minutes: Any, save_dir: str | os.PathLike) -> None:
+        self.network = network
+        self.schedule = schedule
+        self.minutes = sorted(float(m) for m in (minutes or []))
+        self.save_dir = Path(save_dir)
+        self.saved: list[dict[str, float]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+
+    def iteration_completed(self, engine: Engine) -> None:
+        seconds = self.schedule.seconds()
+        while self.minutes and seconds >= self.minutes[0] * 60.0:
+            target = self.minutes.pop(0)
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            path = self.save_dir / f"model_{target:g}min.pt"
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            torch.save(self.network.state_dict(), tmp)
+            os.replace(tmp, path)
+            self.saved.append({"minutes": target, "seconds": round(seconds, 2), "step": engine.state.iteration})
+            (self.save_dir / "snapshots.json").write_text(json.dumps(self.saved, indent=1))
+            logger.info(f"snapshot at {seconds / 60:.2f} min of training (step {engine.state.iteration}): {path}")

@@ -160,3 +160,22 @@ def test_handlers_follow_the_schedule_mid_epoch(tmp_path):
     assert ensembles == [20, 24, 28, 32, 36]
     assert ens.alpha == pytest.approx(schedule.ema_alpha) and schedule.ensembles_done == 5
     assert sorted(store.ids()) == ["i0", "i1"]
+
+
+def test_timed_snapshots_save_the_weights_when_the_clock_passes(tmp_path, monkeypatch):
+    from s2l_monai.checkpoints import TimedSnapshots
+
+    schedule = TrainingSchedule(5, max_steps=10)
+    clock = iter([10.0, 40.0, 70.0, 200.0])  # seconds of training seen at steps 1..4
+    monkeypatch.setattr(schedule, "seconds", lambda: next(clock))
+    net = torch.nn.Linear(2, 2)
+    snaps = TimedSnapshots(net, schedule, [2, 0.5], tmp_path / "snaps")
+    trainer = Engine(lambda engine, batch: None)
+    snaps.attach(trainer)
+    trainer.run(range(4), max_epochs=1)
+    import json
+
+    saved = json.loads((tmp_path / "snaps" / "snapshots.json").read_text())
+    assert [(s["minutes"], s["step"]) for s in saved] == [(0.5, 2), (2.0, 4)]
+    state = torch.load(tmp_path / "snaps" / "model_0.5min.pt", weights_only=True)
+    assert torch.equal(state["weight"], net.weight.detach())
