@@ -120,13 +120,18 @@ class RandomStates:
             logger.warning("the random transforms differ from the checkpoint's; their states are not restored")
 
 
+def _epoch_checkpoints(folder: Path) -> list[Path]:
+    """The per-epoch checkpoints in ``folder``, oldest epoch first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     """The per-epoch checkpoint with the highest epoch in ``ckpt_dir`` (None if there is none)."""
-    folder = Path(ckpt_dir)
-    if not folder.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
-    return max(found)[1] if found else None
+    found = _epoch_checkpoints(Path(ckpt_dir))
+    return found[-1] if found else None
 
 
 def resolve_resume(resume_from: str | os.PathLike | None, ckpt_dir: str | os.PathLike) -> str:
@@ -211,10 +216,7 @@ class ResumeCheckpointer:
 
     def epoch_completed(self, engine: Engine) -> None:
         self.save(f"checkpoint_epoch={engine.state.epoch}.pt")
-        found = sorted(
-            (int(m.group(1)), p) for p in self.save_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))
-        )
-        for _, old in found[: -self.keep]:
+        for old in _epoch_checkpoints(self.save_dir)[: -self.keep]:
             old.unlink(missing_ok=True)
 
     def completed(self, engine: Engine) -> None:

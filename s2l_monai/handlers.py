@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -110,7 +111,11 @@ class FiniteGuard:
             )
 
     def check_weights(self, engine: Engine) -> None:
-        bad = [name for name, p in self.network.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        params = dict(self.network.named_parameters())
+        # one reduction (one device sync) per step; the names are only looked up on failure
+        if bool(torch.stack([torch.isfinite(p.detach()).all() for p in params.values()]).all()):
+            return
+        bad = [name for name, p in params.items() if not bool(torch.isfinite(p.detach()).all())]
         if bad:
             raise NonFiniteLossError(
                 f"{len(bad)} weight tensor(s) became NaN or infinite at step {engine.state.iteration} (epoch "
@@ -133,8 +138,6 @@ class EpochSummary:
     """
 
     def __init__(self, model_path: str | None = None, schedule: TrainingSchedule | None = None) -> None:
-        import logging
-
         self.model_path = model_path
         self.schedule = schedule
         self.logger = logging.getLogger("s2l")
@@ -160,7 +163,7 @@ class EpochSummary:
         self.logger.info(" ".join(parts[:1]) + " " + "; ".join(parts[1:]))
 
     def completed(self, engine: Engine) -> None:
-        seconds = getattr(self.schedule, "seconds", lambda: None)() if self.schedule is not None else None
+        seconds = self.schedule.seconds() if self.schedule is not None else None
         took = f" in {seconds / 60:.1f} min of training" if seconds is not None else ""
         where = f"; model: {self.model_path}" if self.model_path else ""
         self.logger.info(f"training finished after {engine.state.iteration} steps{took}{where}")

@@ -36,13 +36,13 @@ class ReplaceNonFinited(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            image = d[key]
-            if not torch.is_floating_point(torch.as_tensor(image[:1, :1])):
+            image = torch.as_tensor(d[key])
+            if not torch.is_floating_point(image):
                 continue  # integer images hold no NaN
-            finite = torch.isfinite(torch.as_tensor(image))
+            finite = torch.isfinite(image)
             if bool(finite.all()):
                 continue
-            fixed = torch.as_tensor(image).clone()
+            fixed = image.clone()
             for c in range(fixed.shape[0]):
                 good = fixed[c][finite[c]]
                 fixed[c][~finite[c]] = good.median() if good.numel() else 0.0

@@ -263,21 +263,22 @@ def _folder_without_datalist(root: Path):
     return str(root), []
 
 
-def _no_foreground(root: Path):
+def _erase_class(root: Path, value: int) -> None:
+    """Turn every scribble pixel of ``value`` unlabelled (255), in all three scribbles."""
     for k in range(3):
         path = _scribble_path(root, k)
         a = np.asarray(Image.open(path)).copy()
-        a[a == 1] = 255
+        a[a == value] = 255
         Image.fromarray(a).save(path)
+
+
+def _no_foreground(root: Path):
+    _erase_class(root, 1)
     return "no training scribble has a foreground stroke", []
 
 
 def _no_background(root: Path):
-    for k in range(3):
-        path = _scribble_path(root, k)
-        a = np.asarray(Image.open(path)).copy()
-        a[a == 0] = 255
-        Image.fromarray(a).save(path)
+    _erase_class(root, 0)
     return "no training scribble has a background stroke", []
 
 
