@@ -5,10 +5,28 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from monai.data import set_track_meta
+from monai.data.utils import worker_init_fn
 from monai.engines.utils import PrepareBatch
 from monai.utils import CommonKeys
 
-__all__ = ["PrepareScribbleBatch"]
+__all__ = ["PrepareScribbleBatch", "untracked_worker_init"]
+
+
+def untracked_worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of the training ``DataLoader``: MONAI's own (per-worker transform seeds), then metadata
+    tracking switched off in that worker process.
+
+    The training augmentations need no metadata (nothing is inverted or saved), and MONAI's ``MetaTensor``
+    bookkeeping more than doubles their cost on small crops (measured: 234 ms against 100 ms per batch of 16 crops
+    of 128x128, one thread) -- as much CPU as the network's own step on two cores. Only the worker is switched, so
+    the main process (ensembles, test evaluation, saving) keeps its metadata.
+
+    Args:
+        worker_id: the worker's index, from ``torch.utils.data.DataLoader``.
+    """
+    worker_init_fn(worker_id)
+    set_track_meta(False)
 
 
 class PrepareScribbleBatch(PrepareBatch):

@@ -127,9 +127,9 @@ class FiniteGuard:
 class EpochSummary:
     """One log line per epoch and one at the end, in place of Ignite's and StatsHandler's several.
 
-    ``epoch 3/12 in 20.1 s, step 150/600: loss 0.412 (L_sp 0.301, L_up 0.222); Omega_g 41.0% of unscribbled pixels;
-    last ensemble 2.1 s`` — the epoch's means of the trainer metrics ``train_loss``, ``loss_sp``, ``loss_up``,
-    ``omega_g`` and the last ensemble's time, where present.
+    ``epoch 3/12 in 20.1 s, step 150/600: loss 0.412 (L_sp 0.301, L_up 0.222, L_crf 0.015); Omega_g 41.0% of
+    unscribbled pixels; last ensemble 2.1 s`` — the epoch's means of the trainer metrics ``train_loss``,
+    ``loss_sp``, ``loss_up``, ``loss_crf``, ``omega_g`` and the last ensemble's time, where present.
     At the end: steps, minutes, and where the model was written.
 
     Args:
@@ -153,8 +153,11 @@ class EpochSummary:
         took = f" in {took:.1f} s" if took is not None else ""
         parts = [f"epoch {engine.state.epoch}/{engine.state.max_epochs}{took}, step {engine.state.iteration}{steps}:"]
         if "train_loss" in m:
-            terms = ", ".join(f"{name} {m[key]:.3f}" for key, name in (("loss_sp", "L_sp"), ("loss_up", "L_up"))
-                              if key in m)
+            names = (("loss_sp", "L_sp"), ("loss_up", "L_up"), ("loss_crf", "L_crf"))
+            # L_crf only where the CRF term is on (it is exactly 0 otherwise)
+            terms = ", ".join(
+                f"{name} {m[key]:.3f}" for key, name in names if key in m and (key != "loss_crf" or m[key])
+            )
             parts.append(f"loss {m['train_loss']:.3f}" + (f" ({terms})" if terms else ""))
         if "omega_g" in m:
             parts.append(f"Omega_g {100 * m['omega_g']:.1f}% of unscribbled pixels")

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import MetaTensor, get_track_meta
 from monai.transforms import MapTransform
 from monai.transforms.traits import RandomizableTrait
 
@@ -137,7 +137,7 @@ class LoadPseudoLabeld(MapTransform, RandomizableTrait):
                 "must be filled from un-augmented images (same preprocessing up to this transform)."
             )
         tensor = torch.from_numpy(np.ascontiguousarray(prob))
-        meta = dict(ref.meta) if isinstance(ref, MetaTensor) else {}
+        tracked = isinstance(ref, MetaTensor) and get_track_meta()  # off in the training data-loader workers
         for key in self.keys:
-            d[key] = MetaTensor(tensor, meta=meta)
+            d[key] = MetaTensor(tensor, meta=dict(ref.meta)) if tracked else tensor
         return d
