@@ -13,7 +13,6 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -95,14 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     schedule = SCHEDULE_LINE.search(log_text)
     prior = PRIOR_LINE.search(log_text)
 
-    eval_cmd = [py, "-m", "monai.bundle", "run", "evaluating", "--config_file",
-                "['configs/inference.json','configs/evaluate.json']", "--dataset_dir", str(work / "data"),
-                "--ckpt_path", str(work / "models" / "model.pt"), "--output_dir", str(work / "evaluate")]
-    subprocess.run(eval_cmd, cwd=REPO, check=True, capture_output=True)
-    s2l = json.loads((work / "evaluate" / "summary.json").read_text())
-    subprocess.run([py, "-m", "s2l_monai", "otsu", "--datalist", str(work / "data"), "--split", "test",
-                    "--out", str(work / "otsu")], cwd=REPO, check=True, capture_output=True)
-    otsu = json.loads((work / "otsu" / "summary.json").read_text())
+    # the run's own last step: the synthetic test split, this model beside Otsu's threshold (s2l_monai.test_report)
+    report = json.loads((work / "run" / "test_evaluation" / "comparison.json").read_text())
+    s2l, otsu = report["model"], report["otsu"]
 
     info = machine_info()
     ensemble_epochs = {e["epoch"]: e for e in ensembles}
@@ -120,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         f"`--synthetic_dir/--output_dir/--ckpt_dir` in {work})",
         f"- date: {now_iso()}, commit {git_commit(REPO)}",
         f"- machine: {machine_line(info)}",
-        f"- wall time (synthetic data generation + {steps} steps in {len(times)} epochs + checkpoints): "
+        f"- wall time (synthetic data generation + {steps} steps in {len(times)} epochs + checkpoints + the test "
+        f"evaluation it ends with): "
         f"**{result.seconds:.0f} s**",
         f"- peak RSS of the process tree (main process + data-loader workers): **{result.peak_rss_mb:.0f} MB**",
         f"- training patches per second ({'x'.join(map(str, config['roi_size']))}, batch {config['batch_size']}, "

@@ -48,7 +48,7 @@ def test_plan_is_three_methods_three_seeds_and_otsu() -> None:
 def test_default_profile_adds_only_the_volume_keys_and_the_method_overrides(tmp_path: Path) -> None:
     """No epoch, patch or learning-rate override: the default recipe of configs/train.json configures itself."""
     assert em.PROFILES["default"] == {}
-    assert set(em.PROFILES) == {"default", "gpu-short"}  # the retired CPU profiles are gone
+    assert set(em.PROFILES) == {"default", "default-nocrf", "gpu-short"}  # the retired CPU profiles are gone
     for method in ("s2l", "pce", "full"):
         run = em.EMRun(method, 1)
         cmd = em.train_command(run, tmp_path / "data", tmp_path / "run")
@@ -61,9 +61,9 @@ def test_default_profile_adds_only_the_volume_keys_and_the_method_overrides(tmp_
         assert over == em.METHOD_OVERRIDES[method]
     assert em.train_overrides(em.EMRun("s2l", 0)) == {}
     # the baselines as in dsb.py: no pseudo-label loss and no ensembles; Full unweighted
-    assert em.METHOD_OVERRIDES["pce"] == {"lambda_up": 0, "ema_every": 100000}
+    assert em.METHOD_OVERRIDES["pce"] == {"lambda_up": 0, "ema_every": 100000, "crf_weight": 0.0}
     assert em.METHOD_OVERRIDES["full"] == {"lambda_up": 0, "ema_every": 100000, "class_weights": None,
-                                           "pseudo_class_weights": None}
+                                           "pseudo_class_weights": None, "crf_weight": 0.0}
     cmd = em.train_command(em.EMRun("full", 0), tmp_path / "data", tmp_path / "run")
     # null as an expression: the bundle runner drops overrides whose value is None ("auto" would stay)
     assert _flag(cmd, "class_weights") == "$None" and _flag(cmd, "pseudo_class_weights") == "$None"

@@ -72,8 +72,9 @@ def test_touching_and_isolated_nuclei_common() -> None:
 
 def test_otsu_iou_realistic() -> None:
     ious = [otsu_iou(*synthetic_nuclei(seed=s)) for s in range(8)]
-    assert 0.75 <= np.mean(ious) <= 0.9
-    assert min(ious) > 0.6 and max(ious) < 0.95  # distinguishable, never trivial
+    # a global threshold is far from perfect (haze, vignetting, dim nuclei), yet the nuclei are there to be found
+    assert 0.65 <= np.mean(ious) <= 0.82
+    assert min(ious) > 0.5 and max(ious) < 0.9
 
 
 @pytest.mark.parametrize(
@@ -130,7 +131,8 @@ def test_dataset_byte_identical_on_rerun(tmp_path: Path) -> None:
 def test_dataset_defaults(tmp_path: Path) -> None:
     path = make_synthetic_dataset(tmp_path, shape=(48, 64))  # default split sizes, small images for speed
     datalist = json.loads(path.read_text())
-    assert [len(datalist[k]) for k in ("training", "validation", "test")] == [24, 6, 6]
+    # no validation split by default: training reads none, so every scribbled image trains
+    assert [len(datalist[k]) for k in ("training", "validation", "test")] == [24, 0, 12]
     assert read_png(tmp_path / datalist["test"][-1]["image"]).shape == (48, 64)
     assert "ratio 0.3" in datalist["description"]
     assert datalist["test"][-1]["label"] == "labels/synth_035.png"
