@@ -139,7 +139,7 @@ DATASETS: dict[str, str] = {"fluorescence": "dsb_fluo", "brightfield": "dsb_bf",
 MODALITY_OF: dict[str, str] = {v: k for k, v in DATASETS.items()}
 DATASET_LABELS: dict[str, str] = {"dsb_bf": "DSB-BF", "dsb_fluo": "DSB-Fluo", "dsb_histo": "DSB-Histo"}
 IN_CHANNELS: dict[str, int] = {"fluorescence": 1, "brightfield": 1, "histopathology": 3}
-KEY_FIELDS: tuple[str, ...] = ("dataset", "ratio", "method", "seed")
+KEY_FIELDS: tuple[str, ...] = ("dataset", "ratio", "method", "seed", "profile")
 REQUIRED_KEYS: tuple[str, ...] = (
     "dataset", "ratio", "method", "seed", "iou", "mdice", "dsb_score", "pq", "train_seconds", "peak_rss_mb",
 )
@@ -275,9 +275,15 @@ def select_plan(plan: Sequence[RunSpec], only: Sequence[str] | None) -> list[Run
     return selected
 
 
-def pending_runs(plan: Sequence[RunSpec], records: Sequence[dict[str, Any]]) -> list[RunSpec]:
-    """The runs of ``plan`` without a record yet."""
-    done = {record_key(r) for r in records}
+def done_keys(records: Sequence[dict[str, Any]], profile: str) -> set[tuple[Any, ...]]:
+    """The :func:`record_key` of the records made with ``profile`` (e.g. ``default``; ``default+smoke``): a record
+    of another profile (a retired recipe kept in the same file) does not count as done."""
+    return {record_key(r) for r in records if str(r.get("profile", "default")) == profile}
+
+
+def pending_runs(plan: Sequence[RunSpec], records: Sequence[dict[str, Any]], profile: str = "default") -> list[RunSpec]:
+    """The runs of ``plan`` without a record of ``profile`` yet."""
+    done = done_keys(records, profile)
     return [r for r in plan if r.key not in done]
 
 
@@ -1159,8 +1165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dsb.py: error: {exc}", file=sys.stderr)
         return 2
 
+    run_profile = args.profile + ("+smoke" if args.smoke else "")
     if args.list:
-        done = {record_key(r) for r in records}
+        done = done_keys(records, run_profile)
         for run in plan:
             print(f"{'done   ' if run.key in done else 'pending'}  {run.run_id}")
         print(f"{sum(r.key in done for r in plan)} of {len(plan)} done; results: {results}")
@@ -1172,7 +1179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     data_dir = args.work / ("data_smoke" if args.smoke else "data")
-    todo = pending_runs(plan, records)
+    todo = pending_runs(plan, records, run_profile)
     if args.max_runs is not None:
         todo_now = todo[: max(0, args.max_runs)]
     else:
@@ -1189,7 +1196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           flush=True)
     todo = todo_now
     context = {
-        "profile": args.profile + ("+smoke" if args.smoke else ""),
+        "profile": run_profile,
         "machine": machine,
         "git_commit": common.git_commit(REPO_ROOT),
         "harness_command": harness_cmd,

@@ -610,8 +610,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.smoke and args.only is None:  # the harness end to end: each method once (first seed) and Otsu
         plan = [r for r in plan if r.seed in (None, args.seeds[0])]
+    run_profile = args.profile + ("+smoke" if args.smoke else "")
     if args.list:
-        done = {dsb.record_key(r) for r in records}
+        done = dsb.done_keys(records, run_profile)
         for run in plan:
             print(f"{'done   ' if run.key in done else 'pending'}  {run.run_id}")
         print(f"{sum(r.key in done for r in plan)} of {len(plan)} done; profile {args.profile}; results: {results}")
@@ -626,13 +627,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"em.py: error: {exc}", file=sys.stderr)
         return 2
-    done = {dsb.record_key(r) for r in records}
+    done = dsb.done_keys(records, run_profile)
     todo = [r for r in plan if r.key not in done]
     print(f"[em] profile {args.profile}: {len(plan) - len(todo)} of {len(plan)} selected runs already recorded in "
           f"{results}; {len(todo)} to do", flush=True)
     if args.max_runs is not None:
         todo = todo[: max(0, args.max_runs)]
-    context = {"profile": args.profile + ("+smoke" if args.smoke else ""), "machine": header["machine"],
+    context = {"profile": run_profile, "machine": header["machine"],
                "git_commit": common.git_commit(REPO_ROOT), "harness_command": harness_cmd,
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", common.CHILD_ENV["OMP_WAIT_POLICY"])}
     failed = []

@@ -80,6 +80,10 @@ def test_resume_skips_recorded_runs() -> None:
     assert len(todo) == len(plan) - 2
     assert all(r.run_id not in ("fluorescence:30:s2l:0", "fluorescence:full:otsu:-") for r in todo)
     assert todo[0].run_id == "fluorescence:30:pce:0"
+    # a record of another (retired) profile in the same file is not the default's: that run is still to do
+    old = [fake("dsb_fluo", 0.3, "s2l", 0, 0.81, profile="default-nocrf")]
+    assert dsb.pending_runs(plan, old)[0].run_id == "fluorescence:30:s2l:0"
+    assert dsb.pending_runs(plan, old, "default-nocrf")[0].run_id == "fluorescence:30:pce:0"
 
 
 def test_append_record_atomic_and_dedup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,8 +92,9 @@ def test_append_record_atomic_and_dedup(tmp_path: Path, monkeypatch: pytest.Monk
     assert common.append_record(path, fake("dsb_fluo", 0.3, "s2l", 0, 0.85), dsb.KEY_FIELDS)
     assert common.append_record(path, fake("dsb_fluo", 0.3, "s2l", 1, float("nan")), dsb.KEY_FIELDS)
     assert not common.append_record(path, fake("dsb_fluo", 0.3, "s2l", 0, 0.10), dsb.KEY_FIELDS)
+    assert common.append_record(path, fake("dsb_fluo", 0.3, "s2l", 0, 0.10, profile="default-nocrf"), dsb.KEY_FIELDS)
     data = json.loads(path.read_text())
-    assert [r["seed"] for r in data] == [0, 1] and data[0]["iou"] == 0.85
+    assert [r["seed"] for r in data] == [0, 1, 0] and data[0]["iou"] == 0.85
     assert data[1]["iou"] is None  # NaN is written as null, never as a number
     assert not list(path.parent.glob(".*tmp"))
 
