@@ -81,9 +81,9 @@ class RandomStates:
     """The random states a run draws from, as a checkpointable object (``state_dict`` / ``load_state_dict``).
 
     Python's and NumPy's global generators, torch's CPU (and CUDA) generator, and the generator of every random
-    transform of ``transforms`` (used when the data loader runs in the main process; with workers, each worker's
-    transforms are re-seeded every epoch from torch's generator, which is saved). Restored when a checkpoint is
-    loaded, so the resumed epoch draws the batches, crops and augmentations the uninterrupted run drew.
+    transform of ``transforms``. Restored when a checkpoint is loaded. The training batches, crops and augmentations
+    do not depend on these: :mod:`s2l_monai.data.seeding` derives them from the run's seed and the epoch, in the
+    (persistent) data-loader workers too, so the resumed epoch draws what the uninterrupted run drew.
 
     Args:
         transforms: the training ``Compose`` (or None).

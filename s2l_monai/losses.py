@@ -136,6 +136,7 @@ class _PairwisePotts(torch.autograd.Function):
         per_channel = image[:, :1].numel()
         diff_buffer = image.new_empty(image.numel())
         weight_buffer = image.new_empty(per_channel)
+        shift_tensor = image.new_empty(())
         # without a mask both ordered pairs count: a factor 2 folded into the exponent
         log_pair_factor = math.log(2.0) if mask is None else 0.0
         for offset in itertools.product(range(-radius, radius + 1), repeat=len(spatial)):
@@ -147,13 +148,14 @@ class _PairwisePotts(torch.autograd.Function):
             diff = torch.sub(image_a, image_b, out=diff_buffer[: image_a.numel()].view(image_a.shape))
             shape = (image_a.shape[0], 1, *image_a.shape[2:])
             exponent = weight_buffer[: math.prod(shape)].view(shape)
+            # w = exp(-|dI|^2 / (2 s_I^2) - |d|^2 / (2 s_xy^2)) (m_i + m_j); the exponent in one fused op for grey
+            # images (sub, addcmul, clamp, exp: a third less memory traffic than separate mul/add/neg)
+            shift = log_pair_factor - spatial_scale * sum(k * k for k in offset)
             if image.shape[1] == 1:
-                torch.mul(diff, diff, out=exponent)
+                torch.addcmul(shift_tensor.fill_(shift), diff, diff, value=-1.0, out=exponent)
             else:
-                torch.sum(diff.mul_(diff), dim=1, keepdim=True, out=exponent)
-            # w = exp(-|dI|^2 / (2 s_I^2) - |d|^2 / (2 s_xy^2)) (m_i + m_j)
-            shift = spatial_scale * sum(k * k for k in offset) - log_pair_factor
-            weight = exponent.add_(shift).clamp_(max=-_MIN_EXPONENT).neg_().exp_()
+                torch.sum(diff.mul_(diff), dim=1, keepdim=True, out=exponent).neg_().add_(shift)
+            weight = exponent.clamp_(min=_MIN_EXPONENT).exp_()
             if mask is not None:
                 weight.mul_(mask[slice_a] + mask[slice_b])
             gathered[slice_a].addcmul_(weight, prob[slice_b])
