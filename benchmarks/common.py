@@ -403,6 +403,14 @@ def _key_value(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def current_recipe(records: Sequence[dict[str, Any]], headline: str = "default") -> list[dict[str, Any]]:
+    """The records of one table cell to show: those of the ``headline`` profile (``+smoke`` stripped) where the cell
+    has any, else all of them (a retired recipe's records, e.g. ``default-b16``, stand in until the headline's are
+    measured; the report marks them with their profile)."""
+    current = [r for r in records if str(r.get("profile", headline)).split("+")[0] == headline]
+    return current or list(records)
+
+
 def _finite(values: Iterable[Any]) -> list[float]:
     out = []
     for v in values:

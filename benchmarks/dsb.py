@@ -67,13 +67,16 @@ PAPER_SHORT_PROFILE: dict[str, Any] = {
     "max_epochs": 100, "warmup_epochs": 30, "max_train_seconds": 350, "num_workers": 3,
     "ensemble_whole_image": False,  # as measured (sliding-window ensembles)
 }
-#: The default recipe before the CRF term was switched on (2026-12-02): its Scribble2Label records stay in
-#: dsb.json under this profile until the new default's are measured (the baselines turn the CRF off themselves, so
-#: their records are the same under both).
-NOCRF_PROFILE: dict[str, Any] = {"crf_weight": 0.0}
+#: Retired defaults whose records stay in dsb.json until the default's own are measured (the report shows a
+#: default record where a cell has one, else these, marked with their profile). ``default-nocrf``: the default before
+#: its CRF term (until 2026-12-02, batch 16), its Scribble2Label records; ``default-b16``: the default with batch 16
+#: (until 2026-12-03), the baselines' records (they turn the CRF off themselves).
+NOCRF_PROFILE: dict[str, Any] = {"crf_weight": 0.0, "batch_size": 16}
+B16_PROFILE: dict[str, Any] = {"batch_size": 16}
 PROFILES: dict[str, dict[str, Any]] = {
     "default": DEFAULT_PROFILE,
     "default-nocrf": NOCRF_PROFILE,
+    "default-b16": B16_PROFILE,
     "paper": PAPER_PROFILE,
     "paper-short": PAPER_SHORT_PROFILE,
     "paper-short-balanced": {**PAPER_SHORT_PROFILE, "class_weights": [3.0, 1.0], "pseudo_class_weights": [3.0, 1.0],
@@ -84,7 +87,9 @@ PROFILE_NOTES: dict[str, str] = {
     "default": "configs/train.json as it is, the self-configuring default recipe (no overrides besides the"
                " method's); the headline result",
     "default-nocrf": "the default recipe before its CRF term (`crf_weight 0`, the default until 2026-12-02, commit"
-                     " 217a045); Scribble2Label rows measured with it, to be replaced by the default's",
+                     " 217a045, batch 16); Scribble2Label rows measured with it, to be replaced by the default's",
+    "default-b16": "the default recipe with batch 16 instead of 12 (the default until 2026-12-03); baseline rows"
+                   " measured with it, to be replaced by the default's",
     "paper": "configs/train.json + configs/paper.json, the authors' recipe (GPU)",
     "paper-short": "configs/paper.json (the authors' network, crops, batch, optimiser and tau/alpha/gamma) on 100"
                    " epochs with 30 of warm-up instead of 300/100 (`PAPER_SHORT_PROFILE` in dsb.py), for a GPU",
@@ -94,10 +99,11 @@ PROFILE_NOTES: dict[str, str] = {
 #: Profiles whose records compare across machines (the same recipe whatever the device; the schedule is in steps):
 #: a record measured on a lent GPU machine keeps its quality figures, not its times (``em.py`` shares
 #: :func:`_gpu_note`).
-SAME_RECIPE_PROFILES: tuple[str, ...] = ("default", "default-nocrf")
+SAME_RECIPE_PROFILES: tuple[str, ...] = ("default", "default-nocrf", "default-b16")
 PROFILE_CONFIGS: dict[str, list[str]] = {
     "default": ["configs/train.json"],
     "default-nocrf": ["configs/train.json"],
+    "default-b16": ["configs/train.json"],
     "paper": ["configs/train.json", "configs/paper.json"],
     "paper-short": ["configs/train.json", "configs/paper.json"],
     "paper-short-balanced": ["configs/train.json", "configs/paper.json"],
@@ -606,11 +612,11 @@ def execute_run(
 
 def _select(records: Sequence[dict[str, Any]], dataset: str, method: str, ratio: float | None) -> list[dict]:
     r_key = None if ratio is None else round(ratio, 6)
-    return [
+    return common.current_recipe([
         r for r in records
         if r.get("dataset") == dataset and r.get("method") == method
         and (None if r.get("ratio") is None else round(float(r["ratio"]), 6)) == r_key
-    ]
+    ])
 
 
 def _stat(records: Sequence[dict[str, Any]], key: str) -> tuple[float | None, float | None, int]:

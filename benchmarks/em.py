@@ -83,8 +83,9 @@ GPU_SHORT_PROFILE: dict[str, Any] = {
 }
 PROFILES: dict[str, dict[str, Any]] = {
     "default": DEFAULT_PROFILE,
-    # the default before its CRF term (crf_weight 0, until 2026-12-02): Scribble2Label records measured with it
-    "default-nocrf": {"crf_weight": 0.0},
+    # retired defaults (dsb.py's NOCRF_PROFILE, B16_PROFILE): the records made with them until the default's exist
+    "default-nocrf": dsb.NOCRF_PROFILE,
+    "default-b16": dsb.B16_PROFILE,
     "gpu-short": GPU_SHORT_PROFILE,
 }
 #: One line per profile for the report.
@@ -92,7 +93,8 @@ PROFILE_NOTES: dict[str, str] = {
     "default": "configs/train.json as it is, the self-configuring default recipe (only `--slice_axis 0`, the folders"
                " and the method's overrides); the headline result",
     "default-nocrf": "the default recipe before its CRF term (`crf_weight 0`, the default until 2026-12-02, commit"
-                     " 217a045); Scribble2Label rows measured with it, to be replaced by the default's",
+                     " 217a045, batch 16); Scribble2Label rows measured with it, to be replaced by the default's",
+    "default-b16": dsb.PROFILE_NOTES["default-b16"],
     "gpu-short": "one lent GPU shared by the trainings of one lease, 256x256 patches, 100 epochs with 30 of warm-up"
                  " within 330 s (`GPU_SHORT_PROFILE` in em.py)",
 }
@@ -422,7 +424,7 @@ def execute_run(run: EMRun, data_dir: Path, work: Path, context: dict[str, Any],
 
 
 def _select(records: Sequence[dict[str, Any]], method: str) -> list[dict[str, Any]]:
-    return [r for r in records if r.get("dataset") == DATASET and r.get("method") == method]
+    return common.current_recipe([r for r in records if r.get("dataset") == DATASET and r.get("method") == method])
 
 
 def _steps(record: dict[str, Any]) -> Any:

@@ -86,6 +86,20 @@ def test_resume_skips_recorded_runs() -> None:
     assert dsb.pending_runs(plan, old, "default-nocrf")[0].run_id == "fluorescence:30:pce:0"
 
 
+def test_a_cell_shows_the_default_records_where_it_has_them() -> None:
+    """A retired recipe's records stand in, marked, until the default's are measured; then they are not averaged in."""
+    old = [fake("dsb_fluo", 0.3, "s2l", s, 0.80, profile="default-nocrf") for s in (0, 1)]
+    cell = dsb.ours_cell(dsb._select(old, "dsb_fluo", "s2l", 0.3))
+    assert cell.startswith("0.8000") and cell.endswith("`default-nocrf`")
+    new = old + [fake("dsb_fluo", 0.3, "s2l", 0, 0.90), fake("dsb_fluo", 0.3, "pce", 0, 0.70, profile="default-b16")]
+    chosen = dsb._select(new, "dsb_fluo", "s2l", 0.3)
+    assert [r["iou"] for r in chosen] == [0.90]
+    assert dsb.ours_cell(chosen).startswith("0.9000") and "`" not in dsb.ours_cell(chosen)
+    assert dsb.ours_cell(dsb._select(new, "dsb_fluo", "pce", 0.3)).endswith("`default-b16`")
+    smoke = fake("dsb_fluo", 0.3, "s2l", 2, 0.9, profile="default+smoke")
+    assert [r["iou"] for r in common.current_recipe([*old, smoke])] == [0.9]
+
+
 def test_append_record_atomic_and_dedup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "res" / "dsb.json"
     assert common.load_records(path) == []
@@ -175,8 +189,10 @@ def test_default_profile_adds_only_the_method_overrides(tmp_path: Path) -> None:
     assert dsb.default_results("paper-short", False, tmp_path).name == "dsb_paper-short.json"
     assert dsb.default_results("default", True, tmp_path) == tmp_path / "results_smoke" / "dsb.json"
     assert dsb.build_parser().parse_args([]).profile == "default"
-    assert set(dsb.PROFILES) == {"default", "default-nocrf", "paper", "paper-short", "paper-short-balanced"}
-    assert dsb.PROFILES["default-nocrf"] == {"crf_weight": 0.0}
+    assert set(dsb.PROFILES) == {"default", "default-nocrf", "default-b16", "paper", "paper-short",
+                                 "paper-short-balanced"}
+    assert dsb.PROFILES["default-nocrf"] == {"crf_weight": 0.0, "batch_size": 16}
+    assert dsb.PROFILES["default-b16"] == {"batch_size": 16}
 
 
 def test_gpu_profiles_keep_their_recipe(tmp_path: Path) -> None:

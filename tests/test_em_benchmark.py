@@ -48,7 +48,8 @@ def test_plan_is_three_methods_three_seeds_and_otsu() -> None:
 def test_default_profile_adds_only_the_volume_keys_and_the_method_overrides(tmp_path: Path) -> None:
     """No epoch, patch or learning-rate override: the default recipe of configs/train.json configures itself."""
     assert em.PROFILES["default"] == {}
-    assert set(em.PROFILES) == {"default", "default-nocrf", "gpu-short"}  # the retired CPU profiles are gone
+    # the retired CPU profiles are gone
+    assert set(em.PROFILES) == {"default", "default-nocrf", "default-b16", "gpu-short"}
     for method in ("s2l", "pce", "full"):
         run = em.EMRun(method, 1)
         cmd = em.train_command(run, tmp_path / "data", tmp_path / "run")
