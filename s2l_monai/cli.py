@@ -225,6 +225,41 @@ def _cmd_balance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_suggest(subparsers: Any) -> None:
+    """Register ``s2l suggest``."""
+    sub = subparsers.add_parser(
+        "suggest",
+        help="the images (slices) to scribble next, best first, with the regions to draw in",
+        description=(
+            "Rank the training images of a run by the uncertainty its last ensemble left (the share of unscribbled "
+            "pixels the pseudo-labels cannot decide, or whose prediction still moves) and find in each the largest "
+            "uncertain regions. Prints the ranking and writes suggestions.json, suggestions.csv and one picture per "
+            "image (image | scribbles and boxes | uncertainty and boxes) into --out."
+        ),
+    )
+    sub.add_argument("--run", default="runs/train", help="the training's output_dir (default runs/train)")
+    sub.add_argument("--top", type=int, default=5, help="how many images to suggest (default 5)")
+    sub.add_argument("--regions", type=int, default=3, help="regions per image (default 3)")
+    sub.add_argument("--out", default=None, help="output folder (default <run>/suggestions)")
+    sub.set_defaults(func=_cmd_suggest)
+
+
+def _cmd_suggest(args: argparse.Namespace) -> int:
+    """Print and write :func:`s2l_monai.suggestions.suggest`."""
+    from s2l_monai.suggestions import suggest
+
+    chosen, out = suggest(args.run, top=args.top, max_regions=args.regions, out_dir=args.out)
+    print(f"{len(chosen)} image(s) to scribble next (share of unscribbled pixels still uncertain; "
+          "regions y0 x0 y1 x1):")
+    for s in chosen:
+        where = s.get("image") or s["id"]
+        where += "" if s.get("slice") is None else f" slice {s['slice']}"
+        boxes = ", ".join("[" + " ".join(map(str, r["box"])) + "]" for r in s["regions"]) or "-"
+        print(f"{s['rank']:>3}. {where}: {100 * s['uncertain_share']:.1f}% uncertain (mean {s['mean']:.3f}); {boxes}")
+    print(f"wrote {out / 'suggestions.json'}, {out / 'suggestions.csv'} and the pictures in {out}")
+    return 0
+
+
 #: ``s2l <command>`` -> (bundle run id, config file in ``configs/``) of the bundle launchers.
 BUNDLE_COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training", "train.json"),
@@ -289,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_otsu(commands)
     _add_balance(commands)
+    _add_suggest(commands)
     _add_bundle_commands(commands)
     return parser
 

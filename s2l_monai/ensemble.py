@@ -24,6 +24,7 @@ from monai.utils import min_version, optional_import
 
 from s2l_monai.faults import fault_point
 from s2l_monai.figures import save_pseudo_label_figure
+from s2l_monai.uncertainty import UncertaintyMaps, pixel_uncertainty
 
 Events, _ = optional_import("ignite.engine", "0.5", min_version, "Events")
 if TYPE_CHECKING:
@@ -108,6 +109,9 @@ class EMAStore:
         self.dtype = dtype
         self.root.mkdir(parents=True, exist_ok=True)
         self._pending: dict[str, tuple[Path, np.memmap]] = {}
+        #: the stored average ``CHW`` an item had before its last :meth:`update` / :meth:`update_slice` (None when it
+        #: was the item's first), for the change term of :func:`s2l_monai.uncertainty.pixel_uncertainty`
+        self.previous: np.ndarray | None = None
         meta = self.root / "store.json"
         if meta.exists():
             found = json.loads(meta.read_text())
@@ -239,6 +243,7 @@ class EMAStore:
         work = self._open_pending(str(item_id), shape)
         previous = work[:, k].astype(np.float32)
         first = bool(np.isnan(previous.flat[0]))
+        self.previous = None if first else np.concatenate([1.0 - previous.sum(0, keepdims=True), previous], axis=0)
         average = ema_update(None if first else previous, prob[1:], alpha)
         stored = self._encode(average)
         work[:, k] = stored
@@ -302,6 +307,7 @@ class EMAStore:
         previous = self.probabilities(item_id)
         if previous is not None and previous.shape != prob.shape:
             raise ValueError(f"item {item_id!r} changed shape: stored {previous.shape}, new {prob.shape}.")
+        self.previous = previous
         average = ema_update(None if previous is None else previous[1:], prob[1:], alpha)
         stored = self._encode(average)
         self._atomic_save(self.path(item_id), stored)
@@ -368,7 +374,9 @@ class EMAEnsembleHandler:
 
     It logs, and puts into the trainer's ``state.metrics``, ``ema_coverage`` (share of unscribbled pixels whose
     averaged prediction passes ``tau``) and ``ensemble_seconds``. For the first ``num_figures`` items it saves a
-    picture per ensemble under ``figure_dir`` (see :func:`s2l_monai.figures.pseudo_label_figure`).
+    picture per ensemble under ``figure_dir`` (see :func:`s2l_monai.figures.pseudo_label_figure`). With
+    ``uncertainty`` it also writes each item's uncertainty map and the per-item summary that ``s2l suggest`` ranks
+    (:mod:`s2l_monai.uncertainty`; computed from the prediction and the averages, no extra network pass).
 
     Args:
         evaluator: the engine that predicts the un-augmented training items; its batches must carry ``id_key``
@@ -388,6 +396,7 @@ class EMAEnsembleHandler:
         figure_dir: folder for the figures; None for none.
         num_figures: how many items get a figure.
         schedule: the run's schedule; replaces ``every`` and ``alpha``.
+        uncertainty: where the uncertainty maps go; None for none.
     """
 
     def __init__(
@@ -406,6 +415,7 @@ class EMAEnsembleHandler:
         slice_key: str = "slice",
         num_slices_key: str = "num_slices",
         schedule: Any = None,
+        uncertainty: UncertaintyMaps | None = None,
     ) -> None:
         if schedule is not None:
             every, alpha = 1, schedule.ema_alpha
@@ -416,6 +426,7 @@ class EMAEnsembleHandler:
         self.evaluator = evaluator
         self.store = store
         self.schedule = schedule
+        self.uncertainty = uncertainty
         self.every = int(every)
         self.alpha = float(alpha)
         self.tau = float(tau)
@@ -452,12 +463,18 @@ class EMAEnsembleHandler:
         self._epoch = engine.state.epoch
         self._passed = self._unlabelled_total = self._seen = 0
         self._volume = None
+        if self.uncertainty is not None:
+            self.uncertainty.begin()
         try:
             self.evaluator.run(engine.state.epoch)
         except BaseException:
             self.store.abort()
+            if self.uncertainty is not None:
+                self.uncertainty.abort()
             raise
         self.store.commit()
+        if self.uncertainty is not None:
+            self.uncertainty.commit(engine.state.epoch, engine.state.iteration)
         network = getattr(engine, "network", None)
         if network is not None:
             network.train()
@@ -483,16 +500,16 @@ class EMAEnsembleHandler:
             batch_items = [{k: v[i] for k, v in batch.items() if k in wanted} for i in range(len(preds))]
         for item, logits in zip(batch_items, preds):
             item_id = str(item[self.id_key])
-            prob = torch.softmax(logits.detach().float(), dim=0)
+            prob = torch.softmax(logits.detach().float(), dim=0).cpu().numpy()
             slice_index = item.get(self.slice_key)
-            if slice_index is None:
+            k = None if slice_index is None else int(slice_index)
+            if k is None:
                 average = self.store.update(item_id, prob, self.alpha)
                 name = item_id
             else:
                 if self._volume is not None and self._volume != item_id:
                     self.store.commit(self._volume)  # slice items come grouped by volume: publish the finished one
                 self._volume = item_id
-                k = int(slice_index)
                 average = self.store.update_slice(item_id, k, int(item[self.num_slices_key]), prob, self.alpha)
                 name = f"{item_id}_z{k:04d}"
             fault_point("ensemble_item")
@@ -500,11 +517,16 @@ class EMAEnsembleHandler:
             unlabelled = scribble == self.unlabelled
             self._passed += int(((average.max(0) > self.tau) & unlabelled).sum())
             self._unlabelled_total += int(unlabelled.sum())
+            uncertainty = None
+            if self.uncertainty is not None:
+                uncertainty = pixel_uncertainty(average, self.store.previous, prob, scribbled=~unlabelled)
+                num_slices = None if k is None else int(item[self.num_slices_key])
+                self.uncertainty.add(item_id, uncertainty, unlabelled, k, num_slices)
             if self.figure_dir is not None and self._seen < self.num_figures:
                 image = np.asarray(item[self.image_key].detach().cpu())
                 save_pseudo_label_figure(
                     self.figure_dir / f"{_SAFE.sub('_', name)}_epoch{self._epoch:04d}.png",
-                    image, scribble, average, tau=self.tau, unlabelled=self.unlabelled,
+                    image, scribble, average, tau=self.tau, unlabelled=self.unlabelled, uncertainty=uncertainty,
                 )
             self._seen += 1
 

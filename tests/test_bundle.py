@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +65,15 @@ def test_training_run_writes_checkpoint_with_ema_store(trained):
     figures = sorted((root / "out" / "pseudo_labels").glob("*.png"))
     assert len(figures) == 4 and all(f.name.endswith("_epoch0002.png") for f in figures)
     assert list((root / "out" / "tensorboard").glob("events.out.tfevents.*"))
+    # the ensemble's uncertainty maps and their summary, and `s2l suggest` on the run's folder
+    summary = json.loads((root / "out" / "uncertainty" / "uncertainty.json").read_text())
+    assert summary["epoch"] == 2 and len(summary["items"]) == 4
+    assert all(Path(e["image"]).is_file() and (root / "out" / "uncertainty" / e["map"]).is_file()
+               for e in summary["items"])
+    suggest = subprocess.run([sys.executable, "-m", "s2l_monai", "suggest", "--run", str(root / "out"), "--top", "2"],
+                             capture_output=True, text=True, timeout=120)
+    assert suggest.returncode == 0 and "2 image(s) to scribble next" in suggest.stdout, suggest.stderr
+    assert len(list((root / "out" / "suggestions").glob("0[12]_synth_*.png"))) == 2
     # the network weights alone, loadable into the configured network
 
 
