@@ -8,7 +8,9 @@ Start it with ``monailabel_app/start_server.sh STUDIES_DIR`` (see docs/monailabe
   when missing; or extract a zoo package ``scribble2label_v<V>.zip`` there to start from its weights).
 
 Tasks: inference ``scribble2label`` (2D images; volumes slice by slice) and ``scribble2label_3d`` (the same, listed
-as a 3D model for viewers), and training ``scribble2label`` from the saved scribble labels.
+as a 3D model for viewers), ``scribble2label_uncertainty`` (where the last training is unsure, for an overlay), and
+training ``scribble2label`` from the saved scribble labels. Next-sample strategies: ``uncertain`` (where to scribble
+next, from the last training's ensemble; :mod:`lib.uncertainty`), ``random`` and ``first``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from lib.bundle_config import BUNDLE_NAME, LABELS, ensure_bundle
 from lib.datastore import DEFAULT_MAX_UPLOAD_MB, ScribbleDatastore
 from lib.infer import ScribbleInferTask
 from lib.train import ScribbleTrainTask
+from lib.uncertainty import UncertainScribbles, UncertaintyMapTask
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -65,10 +68,11 @@ class MyApp(MONAILabelApp):
         return {
             BUNDLE_NAME: ScribbleInferTask(self.bundle, dimension=2),
             f"{BUNDLE_NAME}_3d": ScribbleInferTask(self.bundle, dimension=3),
+            f"{BUNDLE_NAME}_uncertainty": UncertaintyMapTask(self.bundle),
         }
 
     def init_trainers(self) -> dict[str, TrainTask]:
         return {BUNDLE_NAME: ScribbleTrainTask(self.bundle, self.conf)}
 
     def init_strategies(self) -> dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        return {"uncertain": UncertainScribbles(self.bundle), "random": Random(), "first": First()}

@@ -92,3 +92,8 @@ class Client:
         """``POST /infer/<model>?image=<id>&output=image``: the result label file."""
         body, ctype = _multipart({"params": "{}"}, {})
         return self.request("POST", f"/infer/{model}", {"image": image, "output": "image"}, body, ctype)
+
+    def next_sample(self, strategy: str, params: dict[str, Any] | None = None) -> Response:
+        """``POST /activelearning/<strategy>``: the next image to label."""
+        body = json.dumps(params or {}).encode()
+        return self.request("POST", f"/activelearning/{strategy}", body=body, content_type="application/json")

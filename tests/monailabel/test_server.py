@@ -144,6 +144,25 @@ def test_scribbles_train_infer_against_real_server(dsb_zip: Path, server_factory
     assert len(ema_lines) == 2, ema_lines
     assert all(image_id in ema_lines[1] for image_id in TRAIN_IDS), ema_lines[1]  # images unchanged: all reused
 
+    # --- where to scribble next: the "uncertain" strategy and the uncertainty map, from the last ensemble ---
+    assert "uncertain" in client.info().json()["strategies"]
+    unlabelled = sorted((*TEST_IDS, STACK_ID))  # the images served without a saved scribble label
+    r = client.next_sample("uncertain")
+    assert r.status == 200 and r.json()["id"] == unlabelled[0], r.text  # nothing scribbled there yet: first
+    summary = json.loads((bundle / "runs" / "monailabel" / "train" / "uncertainty" / "uncertainty.json").read_text())
+    assert summary["epoch"] and sorted(e["id"] for e in summary["items"]) == sorted(TRAIN_IDS)
+    ranked = sorted(summary["items"], key=lambda e: (-e["uncertain_share"], -e["mean"], e["id"]))
+    r = client.next_sample("uncertain", {"scribbled_only": True})
+    assert r.status == 200 and r.json()["id"] == ranked[0]["id"], (r.text, ranked)
+    report["next_sample"] = f"{ranked[0]['id'][:8]} ({100 * ranked[0]['uncertain_share']:.1f}% uncertain)"
+    r = client.infer(f"{MODEL}_uncertainty", ranked[0]["id"])
+    assert r.status == 200, r.text[:2000]
+    overlay = np.asarray(Image.open(io.BytesIO(r.body)))
+    stored = np.load(bundle / "runs" / "monailabel" / "train" / "uncertainty" / ranked[0]["map"])
+    assert np.array_equal(overlay, stored) and overlay.shape == ground_truth(dsb_zip, ranked[0]["id"]).shape
+    r = client.infer(f"{MODEL}_uncertainty", TEST_IDS[0])  # never scribbled: no map, a message instead
+    assert r.status == 404 and "no uncertainty map" in r.json()["detail"], (r.status, r.text[:500])
+
     # --- inference on held-out images ---
     scores = []
     for image_id in TEST_IDS:
