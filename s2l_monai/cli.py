@@ -241,6 +241,12 @@ def _add_suggest(subparsers: Any) -> None:
     sub.add_argument("--top", type=int, default=5, help="how many images to suggest (default 5)")
     sub.add_argument("--regions", type=int, default=3, help="regions per image (default 3)")
     sub.add_argument("--out", default=None, help="output folder (default <run>/suggestions)")
+    sub.add_argument("--candidates", default=None,
+                     help="a folder of images without scribbles to rank as well (predicted by the trained model "
+                          "under the four flips)")
+    sub.add_argument("--ckpt", default="models/model.pt", help="the trained weights, for --candidates "
+                     "(default models/model.pt)")
+    sub.add_argument("--in_channels", type=int, default=1, help="the model's input channels, for --candidates")
     sub.set_defaults(func=_cmd_suggest)
 
 
@@ -248,12 +254,19 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
     """Print and write :func:`s2l_monai.suggestions.suggest`."""
     from s2l_monai.suggestions import suggest
 
-    chosen, out = suggest(args.run, top=args.top, max_regions=args.regions, out_dir=args.out)
+    candidates: list[str] = []
+    if args.candidates:
+        from s2l_monai.inference_io import list_images
+
+        candidates = [item["image"] for item in list_images(args.candidates)]
+    chosen, out = suggest(args.run, top=args.top, max_regions=args.regions, out_dir=args.out,
+                          candidates=candidates, ckpt_path=args.ckpt, in_channels=args.in_channels)
     print(f"{len(chosen)} image(s) to scribble next (share of unscribbled pixels still uncertain; "
           "regions y0 x0 y1 x1):")
     for s in chosen:
         where = s.get("image") or s["id"]
         where += "" if s.get("slice") is None else f" slice {s['slice']}"
+        where += " (no scribbles yet)" if s.get("source") else ""
         boxes = ", ".join("[" + " ".join(map(str, r["box"])) + "]" for r in s["regions"]) or "-"
         print(f"{s['rank']:>3}. {where}: {100 * s['uncertain_share']:.1f}% uncertain (mean {s['mean']:.3f}); {boxes}")
     print(f"wrote {out / 'suggestions.json'}, {out / 'suggestions.csv'} and the pictures in {out}")

@@ -5,6 +5,12 @@ and the maps beside it, :mod:`s2l_monai.uncertainty`) and ranks the images (the 
 their unscribbled pixels that are uncertain; for each suggested image it finds the few largest uncertain regions
 (connected components of ``u >= threshold``, scored by their summed uncertainty) and draws them as boxes on a
 picture: image | scribbles | uncertainty with boxes.
+
+Images nobody has scribbled yet are not in the training, so no ensemble has seen them: with ``--candidates DIR``
+the trained model predicts each of them under the four flips of the image (one network pass per flip, the
+inference config's sliding window) and :func:`candidate_uncertainty` takes the indecision of the flip average and
+the flips' disagreement (the largest total-variation distance of one flip's prediction from the average) in place
+of the ensemble's two terms. Candidates and scribbled images are ranked together on the same threshold.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +27,17 @@ from PIL import Image
 from scipy import ndimage
 
 from s2l_monai.figures import BACKGROUND_SCRIBBLE, FOREGROUND_SCRIBBLE, heat, to_display
-from s2l_monai.uncertainty import SUMMARY_NAME
+from s2l_monai.uncertainty import SUMMARY_NAME, pixel_uncertainty, uncertain_threshold
 
-__all__ = ["load_summary", "rank_items", "uncertain_regions", "suggestion_figure", "suggest", "BOX_COLOUR"]
+__all__ = [
+    "BOX_COLOUR",
+    "candidate_uncertainty",
+    "load_summary",
+    "rank_items",
+    "suggest",
+    "suggestion_figure",
+    "uncertain_regions",
+]
 
 BOX_COLOUR = (0, 255, 128)  # spring green: apart from the scribble colours and the heat scale
 
@@ -139,6 +153,89 @@ def suggestion_figure(
     return np.concatenate([rgb, gap, drawn, gap, hot], axis=1)
 
 
+#: the four flips of a 2D image (spatial axes of a ``BCHW`` tensor), as the inference's test-time augmentation
+FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (2, 3))
+
+
+def candidate_uncertainty(
+    images: Sequence[str | os.PathLike],
+    ckpt_path: str | os.PathLike,
+    in_channels: int = 1,
+    bundle_root: str | os.PathLike | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Uncertainty ``HW`` of images without scribbles, from the trained model's predictions under the four flips.
+
+    ``u = max(1 - margin of the flip average, max_f 1/2 sum_c |p_f,c - mean_c|)``: the ensemble's indecision and
+    change terms (:func:`s2l_monai.uncertainty.pixel_uncertainty`) with the flips in place of the ensembles. The
+    network, its preprocessing and the sliding window are those of ``configs/inference.json``.
+
+    Args:
+        images: 2D image files.
+        ckpt_path: the trained weights (``model.pt``).
+        in_channels: the model's input channels (1 grey, 3 RGB).
+        bundle_root: the bundle folder holding ``configs/`` (default: the repository or ``.``).
+
+    Yields:
+        ``(path, u)`` per image, float32 ``HW`` in ``[0, 1]``.
+    """
+    import torch
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    from s2l_monai.cli import _configs_dir
+
+    root = Path(bundle_root) if bundle_root is not None else _configs_dir().parent
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "inference.json"))
+    parser["bundle_root"] = str(root)
+    parser["in_channels"] = int(in_channels)
+    parser["device"] = "$torch.device('cpu')"
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(str(ckpt_path), map_location="cpu"))
+    network.eval()
+    load = Compose(parser.get_parsed_content("load_transforms"))
+    inferer = parser.get_parsed_content("window_inferer")
+    for path in images:
+        x = torch.as_tensor(load({"image": str(path)})["image"])[None]
+        probs = []
+        with torch.no_grad():
+            for dims in FLIPS:
+                out = inferer(torch.flip(x, dims) if dims else x, network)
+                out = torch.softmax(torch.as_tensor(out).float(), dim=1)
+                probs.append((torch.flip(out, dims) if dims else out)[0])
+        stacked = torch.stack(probs).numpy()
+        mean = stacked.mean(0)
+        disagreement = (0.5 * np.abs(stacked - mean[None]).sum(1)).max(0)
+        yield str(path), np.maximum(pixel_uncertainty(mean), disagreement).astype(np.float32)
+
+
+def _candidate_entries(
+    candidates: Sequence[str | os.PathLike],
+    known: set[str],
+    ckpt_path: str | os.PathLike,
+    in_channels: int,
+    folder: Path,
+    threshold: float,
+) -> list[dict[str, Any]]:
+    """Summary entries (as :class:`s2l_monai.uncertainty.UncertaintyMaps` writes them) for the candidate images that
+    are not among the scribbled ones, their maps written into ``folder``."""
+    from s2l_monai.inference_io import image_stem
+
+    todo = [str(Path(c).resolve()) for c in candidates if str(Path(c).resolve()) not in known]
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for path, u in candidate_uncertainty(todo, ckpt_path, in_channels):
+        name = f"{image_stem(path)}.npy"
+        np.save(folder / name, (u * 255.0 + 0.5).astype(np.uint8))
+        entries.append({
+            "id": image_stem(path), "slice": None, "image": path, "scribble": "", "map": name,
+            "map_dir": str(folder), "shape": [int(s) for s in u.shape], "unlabelled_pixels": int(u.size),
+            "mean": round(float(u.mean()), 5), "uncertain_share": round(float((u >= threshold).mean()), 5),
+            "source": "flips of the trained model (no scribbles yet)",
+        })
+    return entries
+
+
 def _read_slice(path: str, slice_index: int | None, axis: int | None) -> np.ndarray | None:
     if not path or not Path(path).is_file():
         return None
@@ -152,7 +249,7 @@ def _read_slice(path: str, slice_index: int | None, axis: int | None) -> np.ndar
 
 
 def _map(folder: Path, entry: Mapping[str, Any]) -> np.ndarray:
-    stored = np.load(folder / entry["map"], mmap_mode="r")
+    stored = np.load(Path(entry.get("map_dir") or folder) / entry["map"], mmap_mode="r")
     if entry.get("slice") is not None:
         stored = stored[int(entry["slice"])]
     return np.asarray(stored, dtype=np.float32) / 255.0
@@ -164,8 +261,11 @@ def suggest(
     max_regions: int = 3,
     out_dir: str | os.PathLike | None = None,
     figures: bool = True,
+    candidates: Sequence[str | os.PathLike] = (),
+    ckpt_path: str | os.PathLike | None = None,
+    in_channels: int = 1,
 ) -> tuple[list[dict[str, Any]], Path]:
-    """Rank the images of a training's last ensemble and write the suggestions.
+    """Rank the images of a training's last ensemble (and unscribbled candidates) and write the suggestions.
 
     Writes ``suggestions.json`` (the ranked entries with their regions), ``suggestions.csv`` (one row per image) and,
     with ``figures``, one picture per suggested image (``<rank>_<name>.png``, :func:`suggestion_figure`) into
@@ -177,14 +277,32 @@ def suggest(
         max_regions: regions per image.
         out_dir: where to write.
         figures: also write the pictures.
+        candidates: 2D images without scribbles to rank as well (:func:`candidate_uncertainty`); images of the run
+            are skipped. Their maps go to ``<out_dir>/candidates``.
+        ckpt_path: the trained weights, needed with ``candidates``.
+        in_channels: the model's input channels, with ``candidates``.
 
     Returns:
         the suggestions (best first) and the output folder.
+
+    Raises:
+        FileNotFoundError: no ensemble summary in ``run_dir`` and no candidates, or candidates without weights.
     """
-    summary, folder = load_summary(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "suggestions"
+    try:
+        summary, folder = load_summary(run_dir)
+    except FileNotFoundError:
+        if not candidates:
+            raise
+        summary, folder = {"tau": 0.8, "threshold": uncertain_threshold(0.8), "items": []}, out
     out.mkdir(parents=True, exist_ok=True)
     threshold = float(summary.get("threshold", 0.4))
+    if candidates:
+        if ckpt_path is None or not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"candidates need the trained weights: no model at {ckpt_path}")
+        known = {str(Path(e["image"]).resolve()) for e in summary.get("items", []) if e.get("image")}
+        extra = _candidate_entries(candidates, known, ckpt_path, in_channels, out / "candidates", threshold)
+        summary = {**summary, "items": [*summary.get("items", []), *extra]}
     chosen = []
     for rank, entry in enumerate(rank_items(summary)[: max(0, int(top))], start=1):
         u = _map(folder, entry)
@@ -205,10 +323,11 @@ def suggest(
     (out / "suggestions.json").write_text(json.dumps({**meta, "suggestions": chosen}, indent=1))
     with open(out / "suggestions.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["rank", "image", "slice", "uncertain_share", "mean_uncertainty", "regions (y0 x0 y1 x1)",
-                         "picture"])
+        writer.writerow(["rank", "image", "slice", "scribbled", "uncertain_share", "mean_uncertainty",
+                         "regions (y0 x0 y1 x1)", "picture"])
         for s in chosen:
             boxes = "; ".join(" ".join(map(str, r["box"])) for r in s["regions"])
             writer.writerow([s["rank"], s.get("image") or s["id"], "" if s.get("slice") is None else s["slice"],
-                             s["uncertain_share"], s["mean"], boxes, s.get("picture", "")])
+                             "no" if s.get("source") else "yes", s["uncertain_share"], s["mean"], boxes,
+                             s.get("picture", "")])
     return chosen, out

@@ -74,6 +74,19 @@ def test_training_run_writes_checkpoint_with_ema_store(trained):
                              capture_output=True, text=True, timeout=120)
     assert suggest.returncode == 0 and "2 image(s) to scribble next" in suggest.stdout, suggest.stderr
     assert len(list((root / "out" / "suggestions").glob("0[12]_synth_*.png"))) == 2
+    # images without scribbles (the validation and test images of the folder) ranked with them, from the model's flips
+    cmd = [sys.executable, "-m", "s2l_monai", "suggest", "--run", str(root / "out"), "--top", "6", "--candidates",
+           str(root / "data" / "images"), "--ckpt", str(root / "models" / "model.pt"), "--out", str(root / "all")]
+    suggest = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert suggest.returncode == 0, suggest.stderr
+    ranked = json.loads((root / "all" / "suggestions.json").read_text())["suggestions"]
+    assert len(ranked) == 6 and sum(bool(s.get("source")) for s in ranked) == 2  # 4 scribbled + 2 candidates
+    assert suggest.stdout.count("(no scribbles yet)") == 2
+    for s in ranked:
+        u = np.load(Path(s.get("map_dir") or root / "out" / "uncertainty") / s["map"])
+        assert u.shape == (96, 96) and u.dtype == np.uint8
+        uncertain = float((u >= 0.4 * 255 - 0.5).sum())
+        assert s["uncertain_share"] == pytest.approx(uncertain / s["unlabelled_pixels"], abs=0.02)
     # the network weights alone, loadable into the configured network
 
 
