@@ -1,6 +1,6 @@
 """What the uncertainty maps add to the time of an EMA ensemble (issue 18's target: under 5%).
 
-    python benchmarks/uncertainty_overhead.py [--dataset_dir DIR] [--repeats 5] [--out benchmarks/results/uncertainty_overhead.md]
+    python benchmarks/uncertainty_overhead.py [--dataset_dir DIR] [--repeats 5] [--out FILE.md]
 
 Builds the ensemble of ``configs/train.json`` (its evaluator, EMA store and handler, parsed by MONAI's
 ``ConfigParser``) on a dataset (default: the built-in synthetic set, generated into the work folder), runs it
