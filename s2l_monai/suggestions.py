@@ -27,7 +27,7 @@ from PIL import Image
 from scipy import ndimage
 
 from s2l_monai.figures import BACKGROUND_SCRIBBLE, FOREGROUND_SCRIBBLE, heat, to_display
-from s2l_monai.uncertainty import SUMMARY_NAME, pixel_uncertainty, uncertain_threshold
+from s2l_monai.uncertainty import SUMMARY_NAME, pixel_uncertainty, read_map, uncertain_threshold
 
 __all__ = [
     "BOX_COLOUR",
@@ -249,10 +249,7 @@ def _read_slice(path: str, slice_index: int | None, axis: int | None) -> np.ndar
 
 
 def _map(folder: Path, entry: Mapping[str, Any]) -> np.ndarray:
-    stored = np.load(Path(entry.get("map_dir") or folder) / entry["map"], mmap_mode="r")
-    if entry.get("slice") is not None:
-        stored = stored[int(entry["slice"])]
-    return np.asarray(stored, dtype=np.float32) / 255.0
+    return np.asarray(read_map(folder, entry), dtype=np.float32) / 255.0
 
 
 def suggest(

@@ -13,10 +13,11 @@ The pixel's uncertainty is ``u = max(u_m, u_c)`` in ``[0, 1]``, 0 on scribbled p
 is *uncertain* where ``u >= 2 (1 - tau)`` (0.4 for ``tau = 0.8``): for the binary task these are the pixels left out
 of the pseudo-labels, plus those whose prediction still moves by that much.
 
-:class:`UncertaintyMaps` keeps one uint8 map per training item (``u`` quantised to 1/255, memory-mapped like the EMA
-store; a volume's slices share one ``DHW`` file) and a summary, ``uncertainty.json``, that every ensemble rewrites
-atomically: per item (per slice of a volume) the mean ``u`` over its unscribbled pixels and the share of them that
-are uncertain. ``s2l suggest`` (:mod:`s2l_monai.suggestions`) ranks the images from it.
+:class:`UncertaintyMaps` keeps one uint8 map per training item (``u`` quantised to 1/255, read memory-mapped like
+the EMA store: the 2D maps of one ensemble packed into one file, a volume's slices in one ``DHW`` file) and a summary,
+``uncertainty.json``, that every ensemble rewrites atomically: per item (per slice of a volume) the mean ``u`` over
+its unscribbled pixels and the share of them that are uncertain. ``s2l suggest`` (:mod:`s2l_monai.suggestions`)
+ranks the images from it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["UncertaintyMaps", "pixel_uncertainty", "uncertain_threshold", "SUMMARY_NAME"]
+__all__ = ["UncertaintyMaps", "pixel_uncertainty", "read_map", "uncertain_threshold", "SUMMARY_NAME"]
 
 SUMMARY_NAME = "uncertainty.json"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -82,14 +83,32 @@ def _file_name(item_id: str) -> str:
     return f"{_SAFE.sub('_', str(item_id)).lstrip('.') or 'item'}.npy"
 
 
+def read_map(folder: str | os.PathLike, entry: Mapping[str, Any]) -> np.ndarray:
+    """One summary entry's map, uint8 ``HW`` (0 = certain, 255 = undecided), memory-mapped.
+
+    Args:
+        folder: the folder of the summary (``<output_dir>/uncertainty``); an entry's ``map_dir`` overrides it.
+        entry: an item of ``uncertainty.json`` (``map``, ``shape``, and ``offset`` for a map packed with others, or
+            ``slice`` for a slice of a volume's ``DHW`` file).
+    """
+    path = Path(entry.get("map_dir") or folder) / entry["map"]
+    if entry.get("offset") is not None:
+        return np.memmap(path, dtype=np.uint8, mode="r", offset=int(entry["offset"]), shape=tuple(entry["shape"]))
+    stored = np.load(path, mmap_mode="r")
+    return stored[int(entry["slice"])] if entry.get("slice") is not None else stored
+
+
 class UncertaintyMaps:
     """The uncertainty maps of the training items and their per-item summary, rewritten by every ensemble.
 
     :class:`s2l_monai.ensemble.EMAEnsembleHandler` calls :meth:`add` for every item (or volume slice) it folds into
-    the EMA store, then :meth:`commit` (or :meth:`abort` when the ensemble fails). Maps go to ``root`` as ``.npy``
-    uint8 files (``HW``; ``DHW`` for a volume, slices not ensembled are 0), the summary to ``root/uncertainty.json``.
-    Both are written to temporary files that replace the old ones atomically, so a reader (``s2l suggest``, a viewer)
-    sees the complete previous ensemble or the complete new one.
+    the EMA store, then :meth:`commit` (or :meth:`abort` when the ensemble fails). The 2D maps of
+    one ensemble go, one after the other, into one file ``root/maps_<n>.u8`` (each entry holds its ``offset`` and
+    ``shape``; :func:`read_map`): one file write per ensemble instead of one per image (measured: a file per image
+    added 8-9% to an ensemble). A volume's map is one ``.npy`` ``DHW`` file (slices not ensembled are 0). The summary
+    goes to ``root/uncertainty.json``. Everything is written to temporary files published by atomic renames, the
+    summary last (the pack of the previous summary is deleted only after it), so a reader (``s2l suggest``, a
+    viewer) sees the complete previous ensemble or the complete new one.
 
     Args:
         root: folder of the maps, e.g. ``<output_dir>/uncertainty``.
@@ -120,6 +139,8 @@ class UncertaintyMaps:
         self.slice_axis = None if slice_axis in (None, "", "none", "None") else int(slice_axis)
         self._entries: list[dict[str, Any]] = []
         self._pending: dict[str, tuple[Path, np.ndarray]] = {}
+        self._ready = False  # root created (on the first map: a run with the maps off leaves no folder)
+        self._pack: tuple[str, Path, Any] | None = None  # (name, temporary path, open file) of this ensemble's maps
         self._remove_stale_temporaries()
 
     def _remove_stale_temporaries(self) -> None:
@@ -152,15 +173,23 @@ class UncertaintyMaps:
             slice_index: the slice of a volume item, or None for a 2D item.
             num_slices: the volume's slice count (with ``slice_index``).
         """
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self._ready:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._ready = True
         uncertainty = np.asarray(uncertainty, dtype=np.float32)
         u8 = (uncertainty * 255.0 + 0.5).astype(np.uint8)  # u in [0, 1]: rounded to 1/255
-        final = self.path(item_id)
+        offset = None
         if slice_index is None:
-            tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp.npy")
-            np.save(tmp, u8)
-            self._pending[str(item_id)] = (tmp, u8)
+            if self._pack is None:
+                name = f"maps_{time.time_ns()}.u8"
+                tmp = self.root / f".{name}.{os.getpid()}.tmp"
+                self._pack = (name, tmp, open(tmp, "wb"))  # noqa: SIM115 - closed in commit() / abort()
+            name, _, handle = self._pack
+            offset = handle.tell()
+            handle.write(np.ascontiguousarray(u8).tobytes())
         else:
+            final = self.path(item_id)
+            name = final.name
             work = self._volume_work(str(item_id), final, (int(num_slices), *u8.shape))
             work[int(slice_index)] = u8
         free = np.asarray(unlabelled, dtype=bool)
@@ -172,7 +201,8 @@ class UncertaintyMaps:
             "id": str(item_id),
             "slice": None if slice_index is None else int(slice_index),
             **self.paths.get(str(item_id), {"image": "", "scribble": ""}),
-            "map": final.name,
+            "map": name,
+            "offset": offset,
             "shape": [int(s) for s in u8.shape],
             "unlabelled_pixels": n,
             "mean": round(total / n, 5) if n else 0.0,
@@ -196,6 +226,12 @@ class UncertaintyMaps:
     def commit(self, epoch: int | None = None, step: int | None = None) -> Path:
         """Publish the maps of this ensemble and rewrite the summary; returns the summary's path."""
         self.root.mkdir(parents=True, exist_ok=True)
+        pack = None
+        if self._pack is not None:
+            pack, tmp, handle = self._pack
+            handle.close()
+            os.replace(tmp, self.root / pack)
+            self._pack = None
         for key, (tmp, work) in list(self._pending.items()):
             if isinstance(work, np.memmap):
                 work.flush()
@@ -218,11 +254,19 @@ class UncertaintyMaps:
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, out)
+        for old in self.root.glob("maps_*.u8"):  # the packs no summary refers to any more
+            if old.name != pack:
+                old.unlink(missing_ok=True)
         self._entries = []
         return out
 
     def abort(self) -> None:
         """Drop this ensemble's maps (a failed ensemble): the previous maps and summary stay."""
+        if self._pack is not None:
+            _, tmp, handle = self._pack
+            handle.close()
+            tmp.unlink(missing_ok=True)
+            self._pack = None
         for tmp, work in self._pending.values():
             del work
             tmp.unlink(missing_ok=True)

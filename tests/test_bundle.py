@@ -18,6 +18,7 @@ from s2l_testing import default_network, run_bundle
 from s2l_monai.data.datalist import item_id
 from s2l_monai.data.synthetic import make_synthetic_dataset
 from s2l_monai.ensemble import EMAStore
+from s2l_monai.uncertainty import read_map
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,7 @@ def test_training_run_writes_checkpoint_with_ema_store(trained):
     # the ensemble's uncertainty maps and their summary, and `s2l suggest` on the run's folder
     summary = json.loads((root / "out" / "uncertainty" / "uncertainty.json").read_text())
     assert summary["epoch"] == 2 and len(summary["items"]) == 4
-    assert all(Path(e["image"]).is_file() and (root / "out" / "uncertainty" / e["map"]).is_file()
+    assert all(Path(e["image"]).is_file() and read_map(root / "out" / "uncertainty", e).shape == (96, 96)
                for e in summary["items"])
     suggest = subprocess.run([sys.executable, "-m", "s2l_monai", "suggest", "--run", str(root / "out"), "--top", "2"],
                              capture_output=True, text=True, timeout=120)
@@ -83,7 +84,7 @@ def test_training_run_writes_checkpoint_with_ema_store(trained):
     assert len(ranked) == 6 and sum(bool(s.get("source")) for s in ranked) == 2  # 4 scribbled + 2 candidates
     assert suggest.stdout.count("(no scribbles yet)") == 2
     for s in ranked:
-        u = np.load(Path(s.get("map_dir") or root / "out" / "uncertainty") / s["map"])
+        u = np.asarray(read_map(root / "out" / "uncertainty", s))
         assert u.shape == (96, 96) and u.dtype == np.uint8
         uncertain = float((u >= 0.4 * 255 - 0.5).sum())
         assert s["uncertain_share"] == pytest.approx(uncertain / s["unlabelled_pixels"], abs=0.02)

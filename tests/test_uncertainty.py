@@ -17,7 +17,7 @@ from PIL import Image
 from s2l_monai import cli
 from s2l_monai.ensemble import EMAEnsembleHandler, EMAStore
 from s2l_monai.suggestions import load_summary, rank_items, suggest, uncertain_regions
-from s2l_monai.uncertainty import UncertaintyMaps, pixel_uncertainty, uncertain_threshold
+from s2l_monai.uncertainty import UncertaintyMaps, pixel_uncertainty, read_map, uncertain_threshold
 
 
 def _binary(fg: float | np.ndarray) -> np.ndarray:
@@ -67,16 +67,25 @@ def test_maps_commit_atomically_and_abort_keeps_the_previous(tmp_path):
     assert a["mean"] == pytest.approx(6 * 0.5 / 15, abs=1e-4) and a["uncertain_share"] == pytest.approx(6 / 15)
     assert (vol["slice"], vol["uncertain_share"], vol["mean"]) == (2, 0.0, pytest.approx(0.25, abs=3e-3))
     assert summary["threshold"] == pytest.approx(0.4) and (summary["epoch"], summary["step"]) == (3, 30)
-    np.testing.assert_array_equal(np.load(tmp_path / "u" / "a.npy"), np.rint(u * 255).astype(np.uint8))
+    np.testing.assert_array_equal(read_map(tmp_path / "u", a), np.rint(u * 255).astype(np.uint8))
+    assert a["map"].startswith("maps_") and a["offset"] == 0  # the 2D maps of an ensemble share one file
     volume = np.load(tmp_path / "u" / "vol.npy")
+    np.testing.assert_array_equal(read_map(tmp_path / "u", vol), volume[2])
     assert volume.shape == (3, 4, 5) and volume[2].max() == 64 and volume[[0, 1]].max() == 0
     # a failed ensemble: nothing it added is published
     maps.begin()
     maps.add("a", np.ones((4, 5), np.float32), free)
     maps.abort()
     assert json.loads(summary_path.read_text()) == summary
-    np.testing.assert_array_equal(np.load(tmp_path / "u" / "a.npy"), np.rint(u * 255).astype(np.uint8))
+    np.testing.assert_array_equal(read_map(tmp_path / "u", a), np.rint(u * 255).astype(np.uint8))
     assert not list((tmp_path / "u").glob(".*tmp*"))
+    # the next ensemble: two maps packed one after the other; the previous pack is gone once the summary is replaced
+    maps.begin()
+    maps.add("a", np.full((4, 5), 0.5, np.float32), free)
+    maps.add("b", np.full((2, 3), 1.0, np.float32), np.ones((2, 3), bool))
+    new = json.loads(maps.commit(epoch=4, step=40).read_text())["items"]
+    assert new[1]["offset"] == 20 and read_map(tmp_path / "u", new[1]).tolist() == [[255] * 3] * 2
+    assert sorted(p.name for p in (tmp_path / "u").glob("maps_*.u8")) == [new[0]["map"]] != [a["map"]]
 
 
 def test_regions_best_first_with_padded_boxes():

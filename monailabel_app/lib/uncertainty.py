@@ -26,6 +26,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.image_io import read_image, result_suffix, write_result
 from s2l_monai.suggestions import load_summary, rank_items
+from s2l_monai.uncertainty import read_map
 
 __all__ = ["UncertainScribbles", "UncertaintyMapTask", "uncertainty_dir"]
 
@@ -109,7 +110,9 @@ class UncertaintyMapTask(InferTask):
                 "the ensembles of a training (train first)",
             )
         summary, folder = found
-        stored = np.load(folder / entries[0]["map"])
+        # a 2D image: its packed map; a volume: its DHW map file
+        stored = np.array(read_map(folder, entries[0]) if entries[0].get("slice") is None
+                          else np.load(folder / entries[0]["map"]))
         loaded = read_image(image)
         out = Path(tempfile.NamedTemporaryFile(suffix=result_suffix(image, loaded.volume), delete=False).name)
         write_result(out, stored, loaded.geometry)
