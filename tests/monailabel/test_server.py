@@ -23,6 +23,8 @@ from dsb_studies import TEST_IDS, TRAIN_IDS, ground_truth, iou, make_studies, sc
 from PIL import Image
 from rest import Client
 
+from s2l_monai.uncertainty import read_map
+
 MODEL = "scribble2label"
 MODEL_3D = "scribble2label_3d"
 #: A TIFF stack of the held-out images (grey), served next to the 2D images: the 3D task segments it slice by slice.
@@ -158,7 +160,7 @@ def test_scribbles_train_infer_against_real_server(dsb_zip: Path, server_factory
     r = client.infer(f"{MODEL}_uncertainty", ranked[0]["id"])
     assert r.status == 200, r.text[:2000]
     overlay = np.asarray(Image.open(io.BytesIO(r.body)))
-    stored = np.load(bundle / "runs" / "monailabel" / "train" / "uncertainty" / ranked[0]["map"])
+    stored = np.asarray(read_map(bundle / "runs" / "monailabel" / "train" / "uncertainty", ranked[0]))
     assert np.array_equal(overlay, stored) and overlay.shape == ground_truth(dsb_zip, ranked[0]["id"]).shape
     r = client.infer(f"{MODEL}_uncertainty", TEST_IDS[0])  # never scribbled: no map, a message instead
     assert r.status == 404 and "no uncertainty map" in r.json()["detail"], (r.status, r.text[:500])
