@@ -43,6 +43,7 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     now_iso,
     run_measured,
+    svg_panel,
     write_json_atomic,
     write_text_atomic,
 )
@@ -131,30 +132,11 @@ def svg_plot(records: list[dict[str, Any]], reference: dict[str, float] | None) 
     for index, (key, title) in enumerate((("iou", "foreground IoU (test)"), ("dsb", "DSB score (test, watershed)"))):
         values = [r[key] for r in records if r.get(key) is not None] + ([reference[key]] if reference else [])
         lo, hi = (min(values) - 0.01, max(values) + 0.01) if values else (0.0, 1.0)
-        x0 = index * (width + 20)
-
-        def px(x: float, x0: float = x0) -> float:
-            return x0 + pad + (x - x_lo) / max(x_hi - x_lo, 1e-9) * (width - 2 * pad)
-
-        def py(v: float, lo: float = lo, hi: float = hi) -> float:
-            return height - pad - (v - lo) / (hi - lo) * (height - 2 * pad)
-
-        parts += [f'<text x="{x0 + width / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
-                  f'<line x1="{x0 + pad}" y1="{height - pad}" x2="{x0 + width - pad}" y2="{height - pad}" '
-                  'stroke="black"/>',
-                  f'<line x1="{x0 + pad}" y1="{pad}" x2="{x0 + pad}" y2="{height - pad}" stroke="black"/>',
-                  f'<text x="{x0 + width / 2}" y="{height - 12}" text-anchor="middle" font-size="12">scribbled pixels'
-                  "</text>"]
-        for x in (x_lo, (x_lo + x_hi) / 2, x_hi):
-            parts.append(f'<text x="{px(x):.1f}" y="{height - pad + 15}" text-anchor="middle" font-size="10">'
-                         f"{x:,.0f}</text>")
-        for v in (lo + 0.01, (lo + hi) / 2, hi - 0.01):
-            parts.append(f'<text x="{x0 + pad - 5}" y="{py(v) + 3:.1f}" text-anchor="end" font-size="10">'
-                         f"{v:.3f}</text>")
-        if reference and reference.get(key) is not None:
-            y = py(reference[key])
-            parts.append(f'<line x1="{x0 + pad}" y1="{y:.1f}" x2="{x0 + width - pad}" y2="{y:.1f}" '
-                         f'stroke="{COLOURS["all"]}" stroke-dasharray="5,4"/>')
+        ref = (reference[key], COLOURS["all"]) if reference and reference.get(key) is not None else None
+        ticks = [(x, f"{x:,.0f}") for x in (x_lo, (x_lo + x_hi) / 2, x_hi)]
+        panel, px, py = svg_panel(index * (width + 20), title, "scribbled pixels", (x_lo, x_hi), (lo, hi), ticks,
+                                  ref, width, height, pad)
+        parts += panel
         for strategy in STRATEGIES:
             rounds = sorted({r["round"] for r in records if r["strategy"] == strategy})
             pts, band_hi, band_lo = [], [], []

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -446,3 +446,52 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align:
     for row in rows:
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
     return "\n".join(lines)
+
+
+def svg_panel(
+    x0: float,
+    title: str,
+    xlabel: str,
+    x_range: tuple[float, float],
+    y_range: tuple[float, float],
+    x_ticks: Sequence[tuple[float, str]],
+    reference: tuple[float, str] | None = None,
+    width: int = 420,
+    height: int = 300,
+    pad: int = 55,
+) -> tuple[list[str], Callable[[float], float], Callable[[float], float]]:
+    """One plot panel of the benchmarks' SVG figures: title, axes, tick labels, an optional dashed reference line.
+
+    Args:
+        x0: left edge of the panel in the figure.
+        title: text above the panel.
+        xlabel: text under the x axis.
+        x_range: data range of x; y_range: that of y (the y ticks: both ends inset by 0.01 and the middle).
+        x_ticks: ``(x, label)`` pairs.
+        reference: ``(y, colour)`` of a dashed horizontal line (e.g. Otsu), or None.
+
+    Returns:
+        the SVG elements, and the functions from data x and y to figure coordinates.
+    """
+    (x_lo, x_hi), (lo, hi) = x_range, y_range
+
+    def px(x: float) -> float:
+        return x0 + pad + (x - x_lo) / max(x_hi - x_lo, 1e-9) * (width - 2 * pad)
+
+    def py(v: float) -> float:
+        return height - pad - (v - lo) / max(hi - lo, 1e-9) * (height - 2 * pad)
+
+    parts = [f'<text x="{x0 + width / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
+             f'<line x1="{x0 + pad}" y1="{height - pad}" x2="{x0 + width - pad}" y2="{height - pad}" stroke="black"/>',
+             f'<line x1="{x0 + pad}" y1="{pad}" x2="{x0 + pad}" y2="{height - pad}" stroke="black"/>',
+             f'<text x="{x0 + width / 2}" y="{height - 12}" text-anchor="middle" font-size="12">{xlabel}</text>']
+    parts += [f'<text x="{px(x):.1f}" y="{height - pad + 15}" text-anchor="middle" font-size="10">{label}</text>'
+              for x, label in x_ticks]
+    parts += [f'<text x="{x0 + pad - 5}" y="{py(v) + 3:.1f}" text-anchor="end" font-size="10">{v:.3f}</text>'
+              for v in (lo + 0.01, (lo + hi) / 2, hi - 0.01)]
+    if reference is not None:
+        y, colour = reference
+        parts.append(f'<line x1="{x0 + pad}" y1="{py(y):.1f}" x2="{x0 + width - pad}" y2="{py(y):.1f}" '
+                     f'stroke="{colour}" stroke-dasharray="5,4"/>')
+    return parts, px, py
+

@@ -33,6 +33,7 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     now_iso,
     run_measured,
+    svg_panel,
     write_json_atomic,
     write_text_atomic,
 )
@@ -75,30 +76,9 @@ def svg_plot(records: list[dict[str, Any]], otsu: dict[str, Any] | None) -> str:
         values = [r[key] for r in records if r.get(key) is not None] + ([otsu[key]] if otsu else [])
         lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
         lo, hi = lo - 0.01, hi + 0.01
-        x0 = index * (width + 20)
-
-        def px(t: float, x0: float = x0) -> float:
-            return x0 + pad + (t - times[0]) / max(times[-1] - times[0], 1e-9) * (width - 2 * pad)
-
-        def py(v: float, lo: float = lo, hi: float = hi) -> float:
-            return height - pad - (v - lo) / (hi - lo) * (height - 2 * pad)
-
-        parts = [f'<text x="{x0 + width / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
-                 f'<line x1="{x0 + pad}" y1="{height - pad}" x2="{x0 + width - pad}" y2="{height - pad}" '
-                 'stroke="black"/>',
-                 f'<line x1="{x0 + pad}" y1="{pad}" x2="{x0 + pad}" y2="{height - pad}" stroke="black"/>',
-                 f'<text x="{x0 + width / 2}" y="{height - 10}" text-anchor="middle" font-size="12">minutes of training'
-                 "</text>"]
-        for t in times:
-            parts.append(f'<text x="{px(t):.1f}" y="{height - pad + 15}" text-anchor="middle" font-size="10">'
-                         f"{t:g}</text>")
-        for v in (lo + 0.01, (lo + hi) / 2, hi - 0.01):
-            parts.append(f'<text x="{x0 + pad - 5}" y="{py(v) + 3:.1f}" text-anchor="end" font-size="10">'
-                         f"{v:.3f}</text>")
-        if otsu and otsu.get(key) is not None:
-            y = py(otsu[key])
-            parts.append(f'<line x1="{x0 + pad}" y1="{y:.1f}" x2="{x0 + width - pad}" y2="{y:.1f}" '
-                         f'stroke="{COLOURS["otsu"]}" stroke-dasharray="5,4"/>')
+        reference = (otsu[key], COLOURS["otsu"]) if otsu and otsu.get(key) is not None else None
+        parts, px, py = svg_panel(index * (width + 20), title, "minutes of training", (times[0], times[-1]),
+                                  (lo, hi), [(m, f"{m:g}") for m in times], reference, width, height, pad)
         for method in METHODS:
             points = sorted((r["minutes"], r[key]) for r in records if r["method"] == method and r.get(key) is not None)
             if points:

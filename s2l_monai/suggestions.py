@@ -27,7 +27,7 @@ from PIL import Image
 from scipy import ndimage
 
 from s2l_monai.figures import BACKGROUND_SCRIBBLE, FOREGROUND_SCRIBBLE, heat, to_display
-from s2l_monai.uncertainty import SUMMARY_NAME, pixel_uncertainty, read_map, uncertain_threshold
+from s2l_monai.uncertainty import SUMMARY_NAME, UncertaintyMaps, pixel_uncertainty, read_map, uncertain_threshold
 
 __all__ = [
     "BOX_COLOUR",
@@ -215,25 +215,19 @@ def _candidate_entries(
     ckpt_path: str | os.PathLike,
     in_channels: int,
     folder: Path,
-    threshold: float,
+    tau: float,
 ) -> list[dict[str, Any]]:
-    """Summary entries (as :class:`s2l_monai.uncertainty.UncertaintyMaps` writes them) for the candidate images that
-    are not among the scribbled ones, their maps written into ``folder``."""
+    """Summary entries for the candidate images that are not among the scribbled ones: their maps and statistics
+    written by :class:`s2l_monai.uncertainty.UncertaintyMaps` into ``folder``, as an ensemble writes them."""
     from s2l_monai.inference_io import image_stem
 
     todo = [str(Path(c).resolve()) for c in candidates if str(Path(c).resolve()) not in known]
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = []
+    maps = UncertaintyMaps(folder, tau=tau, items=[{"id": image_stem(p), "image": p} for p in todo])
+    maps.begin()
     for path, u in candidate_uncertainty(todo, ckpt_path, in_channels):
-        name = f"{image_stem(path)}.npy"
-        np.save(folder / name, (u * 255.0 + 0.5).astype(np.uint8))
-        entries.append({
-            "id": image_stem(path), "slice": None, "image": path, "scribble": "", "map": name,
-            "map_dir": str(folder), "shape": [int(s) for s in u.shape], "unlabelled_pixels": int(u.size),
-            "mean": round(float(u.mean()), 5), "uncertain_share": round(float((u >= threshold).mean()), 5),
-            "source": "flips of the trained model (no scribbles yet)",
-        })
-    return entries
+        maps.add(image_stem(path), u, np.ones(u.shape, dtype=bool))  # no scribbles: every pixel counts
+    entries = json.loads(maps.commit().read_text())["items"]
+    return [{**e, "map_dir": str(folder), "source": "flips of the trained model (no scribbles yet)"} for e in entries]
 
 
 def _read_slice(path: str, slice_index: int | None, axis: int | None) -> np.ndarray | None:
@@ -298,7 +292,8 @@ def suggest(
         if ckpt_path is None or not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"candidates need the trained weights: no model at {ckpt_path}")
         known = {str(Path(e["image"]).resolve()) for e in summary.get("items", []) if e.get("image")}
-        extra = _candidate_entries(candidates, known, ckpt_path, in_channels, out / "candidates", threshold)
+        extra = _candidate_entries(candidates, known, ckpt_path, in_channels, out / "candidates",
+                                   float(summary.get("tau", 0.8)))
         summary = {**summary, "items": [*summary.get("items", []), *extra]}
     chosen = []
     for rank, entry in enumerate(rank_items(summary)[: max(0, int(top))], start=1):
