@@ -118,6 +118,7 @@ class ScribbleWidget(QWidget):
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
         self.table.verticalHeader().setVisible(False)
         self.table.setMinimumHeight(90)
+        self.table.setMaximumHeight(160)
         self.table.currentCellChanged.connect(lambda *_: self._active_changed())
         layout.addWidget(self.table)
 

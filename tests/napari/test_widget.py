@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("napari", reason="napari is not installed (pip install -e '.[napari]' pytest-qt)")
+# napari.qt, not napari: without napari installed, "napari" would import this test folder (a namespace package)
+pytest.importorskip("napari.qt", reason="napari with a Qt binding is not installed (pip install -e '.[napari]')")
 pytest.importorskip("pytestqt", reason="pytest-qt is not installed (pip install pytest-qt)")
 
 from qtpy.QtCore import Qt  # noqa: E402
