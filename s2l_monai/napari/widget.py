@@ -76,6 +76,20 @@ def _direct_colormap(colors: dict[int, str]) -> Any:
     return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", **colors})
 
 
+def _on_destroyed(layer_events: Any, refresh: Any, stop: Any) -> Any:
+    """The widget's clean-up once Qt deleted it; holds no reference to the Qt object itself."""
+
+    def clean_up(*_: Any) -> None:
+        for emitter in (layer_events.inserted, layer_events.removed):
+            try:
+                emitter.disconnect(refresh)
+            except (TypeError, ValueError, RuntimeError):
+                pass
+        stop()
+
+    return clean_up
+
+
 class ScribbleWidget(QWidget):
     """Scribble2Label in napari: the whole loop from strokes to segmented nuclei.
 
@@ -104,8 +118,14 @@ class ScribbleWidget(QWidget):
         self._build()
         self.viewer.layers.events.inserted.connect(self.refresh_layers)
         self.viewer.layers.events.removed.connect(self.refresh_layers)
+        self.destroyed.connect(_on_destroyed(self.viewer.layers.events, self.refresh_layers, self._stop_run))
         self.refresh_layers()
         self._set_busy("")
+
+    def _stop_run(self) -> None:
+        """Stop a training still running when the widget goes away (it saves its model as at Stop)."""
+        if self.process is not None:
+            self.process.stop()
 
     # ---------------------------------------------------------------------------------------------------------------
     # layout

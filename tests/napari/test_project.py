@@ -151,3 +151,30 @@ def test_sample_scribbles_are_strokes_inside_their_class():
     assert set(np.unique(strokes)) == {0, NUCLEUS, BACKGROUND}
     assert np.all(labels[strokes == NUCLEUS] > 0) and np.all(labels[strokes == BACKGROUND] == 0)
     assert 0.005 < np.mean(strokes > 0) < 0.2  # a few strokes, not a mask
+
+
+def test_model_save_as_bundle_and_load(tmp_path):
+    import torch
+    from s2l_testing import default_network
+
+    from s2l_monai.napari.process import configs_dir, zoo_weights
+    from s2l_monai.napari.project import model_in_channels
+
+    project = Project(tmp_path / "p")
+    with pytest.raises(FileNotFoundError, match="train first"):
+        project.save_bundle(tmp_path / "bundle", configs_dir())
+    project.models_dir.mkdir(parents=True)
+    network = default_network()
+    torch.save(network.state_dict(), project.model_path)
+    saved = project.save_bundle(tmp_path / "bundle", configs_dir())
+    assert saved == tmp_path / "bundle" / "models" / "model.pt"
+    assert (tmp_path / "bundle" / "configs" / "inference.json").is_file()
+    other = Project(tmp_path / "q")
+    assert other.load_model(tmp_path / "bundle") == other.model_path  # a bundle folder, or its model.pt
+    loaded = torch.load(other.model_path, map_location="cpu", weights_only=True)
+    assert all(torch.equal(loaded[k], v) for k, v in network.state_dict().items())
+    assert model_in_channels(other.model_path) == 1
+    with pytest.raises(FileNotFoundError):
+        other.load_model(tmp_path / "nowhere.pt")
+    zoo = zoo_weights()
+    assert zoo is not None and model_in_channels(zoo) == 1  # the zoo's weights take grey images
