@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +31,12 @@ __all__ = [
     "Project",
     "TrainingSet",
     "check_training_set",
+    "content_digest",
     "image_kind",
     "item_id",
     "model_in_channels",
     "pseudo_label_map",
+    "read_result",
     "scribble_map",
 ]
 
@@ -441,7 +443,3 @@ def read_result(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im)
 
-
-def overrides_text(overrides: Mapping[str, Any]) -> str:
-    """The overrides as ``--key value`` (for the log and the README's equivalent command)."""
-    return " ".join(f"--{k} {json.dumps(v)}" for k, v in overrides.items())

@@ -588,6 +588,7 @@ class ScribbleWidget(QWidget):
         from napari.qt.threading import create_worker
 
         self._set_busy(mode)
+
         def work() -> Iterator[dict]:
             yield from steps
 
