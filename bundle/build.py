@@ -36,7 +36,8 @@ MAX_FILE_BYTES = 25_000_000
 #: The released pretrained weights and their measured test metrics (see README.md, "The shipped weights").
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "model.pt"
 SHIPPED_METRICS = Path(__file__).resolve().parent / "models" / "metrics.json"
-CONFIG_FILES = ("train.json", "inference.json", "evaluate.json", "paper.json", "metadata.json", "logging.conf")
+CONFIG_FILES = ("train.json", "inference.json", "evaluate.json", "paper.json", "multi_gpu_train.json",
+                "multi_gpu_inference.json", "metadata.json", "logging.conf")
 SCHEMA_FILE = "schema/meta_schema.json"
 METRICS = (
     ("iou", "IoU (foreground)"),

@@ -224,6 +224,30 @@ class ResumeCheckpointer:
             self.save(self.final_filename)
 
 
+def match_epoch_length(trainer: Engine, schedule: Any) -> None:
+    """After a resume: fit the checkpoint's epoch length to this run's data loader.
+
+    An epoch's length depends on the number of processes (``torchrun`` shares the batches out), so a run resumed
+    on another number of them loads an epoch length its loader does not have; Ignite would then wrap the loader
+    mid-epoch. The optimiser steps done are kept (the schedule counts in steps) and the epoch is recomputed.
+
+    Args:
+        trainer: the trainer, its state loaded from the checkpoint.
+        schedule: the run's :class:`s2l_monai.schedule.TrainingSchedule` (``steps_per_epoch`` of this loader).
+    """
+    state = trainer.state
+    new = int(schedule.steps_per_epoch)
+    if state.epoch_length in (None, new):
+        return
+    logger.info(
+        f"resumed checkpoint had {state.epoch_length} steps per epoch, this run {new} (another number of "
+        f"processes): step {state.iteration} kept, epoch {state.epoch} -> {state.iteration // new}"
+    )
+    state.epoch_length = new
+    state.epoch = state.iteration // new
+    state.max_epochs = max(int(schedule.max_epochs), state.epoch)
+
+
 def run_or_finish(trainer: Engine) -> None:
     """Run the trainer; if a resumed checkpoint already holds the whole run, only write its final files.
 

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from monai.utils import min_version, optional_import
 
+from s2l_monai import distributed
 from s2l_monai.faults import fault_point
 from s2l_monai.figures import save_pseudo_label_figure
+from s2l_monai.temporary_files import remove_stale_temporaries, temporary_tag
 from s2l_monai.uncertainty import UncertaintyMaps, pixel_uncertainty
 
 Events, _ = optional_import("ignite.engine", "0.5", min_version, "Events")
@@ -108,7 +110,8 @@ class EMAStore:
         self.num_classes = int(num_classes)
         self.dtype = dtype
         self.root.mkdir(parents=True, exist_ok=True)
-        self._pending: dict[str, tuple[Path, np.memmap]] = {}
+        self._pending: dict[str, tuple[Path, np.memmap | None]] = {}
+        self._deferred = False  # between begin() and commit(): updates wait in temporary files
         #: the stored average ``CHW`` an item had before its last :meth:`update` / :meth:`update_slice` (None when it
         #: was the item's first), for the change term of :func:`s2l_monai.uncertainty.pixel_uncertainty`
         self.previous: np.ndarray | None = None
@@ -130,12 +133,11 @@ class EMAStore:
         return {"num_classes": self.num_classes, "dtype": self.dtype}
 
     def _remove_stale_temporaries(self) -> None:
-        """Delete temporary files (``.<name>.<pid>.tmp*``) of processes that no longer run."""
-        for tmp in self.root.glob(".*.tmp*"):
-            parts = tmp.name.split(".")
-            pid = next((int(x) for x in reversed(parts) if x.isdigit()), None)
-            if pid is not None and pid != os.getpid() and not _pid_alive(pid):
-                tmp.unlink(missing_ok=True)
+        """Delete temporary files (``.<name>.<pid>-<host>.tmp*``) of this host's processes that no longer run."""
+        remove_stale_temporaries(self.root)
+
+    def _tmp_path(self, final: Path) -> Path:
+        return final.with_name(f".{final.stem}.{temporary_tag()}.tmp.npy")
 
     def _migrate(self) -> None:
         """Rename files written under old ids (``aliases``) to their new ids' names."""
@@ -252,12 +254,15 @@ class EMAStore:
 
     def _open_pending(self, item_id: str, shape: tuple[int, ...]) -> np.memmap:
         if item_id in self._pending:
-            work = self._pending[item_id][1]
+            tmp, work = self._pending[item_id]
+            if work is None:  # released earlier in this ensemble: map it again
+                work = np.load(tmp, mmap_mode="r+")
+                self._pending[item_id] = (tmp, work)
             if work.shape != shape:
                 raise ValueError(f"item {item_id!r} changed shape within an ensemble: {work.shape} vs {shape}.")
             return work
         final = self.path(item_id)
-        tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp.npy")
+        tmp = self._tmp_path(final)
         if final.exists():
             found = np.load(final, mmap_mode="r")
             if found.shape != shape:
@@ -272,22 +277,40 @@ class EMAStore:
         self._pending[item_id] = (tmp, work)
         return work
 
+    def begin(self) -> None:
+        """Start an ensemble: from now until :meth:`commit`, :meth:`update` writes to temporary files too, so the
+        whole ensemble is published at once (a crash or a failed rank leaves the complete previous averages)."""
+        self.abort()
+        self._deferred = True
+
+    def release(self, item_id: str | None = None) -> None:
+        """Flush and unmap the pending file(s) of a volume whose slices are done (they stay pending)."""
+        for key in [item_id] if item_id is not None else list(self._pending):
+            if key in self._pending and self._pending[key][1] is not None:
+                tmp, work = self._pending[key]
+                work.flush()  # type: ignore[union-attr]
+                del work
+                self._pending[key] = (tmp, None)
+
     def commit(self, item_id: str | None = None) -> None:
-        """Atomically publish the pending volume update(s) of the current ensemble (all of them by default)."""
+        """Atomically publish the pending update(s) of the current ensemble (all of them by default, which also
+        ends the ensemble started by :meth:`begin`)."""
+        self.release(item_id)
         for key in [item_id] if item_id is not None else list(self._pending):
             if key not in self._pending:
                 continue
-            tmp, work = self._pending.pop(key)
-            work.flush()
-            del work
+            tmp, _ = self._pending.pop(key)
             os.replace(tmp, self.path(key))
+        if item_id is None:
+            self._deferred = False
 
     def abort(self) -> None:
-        """Discard the pending volume updates (an ensemble that failed): the stored averages stay as they were."""
+        """Discard the pending updates (an ensemble that failed): the stored averages stay as they were."""
         for tmp, work in self._pending.values():
             del work
             tmp.unlink(missing_ok=True)
         self._pending.clear()
+        self._deferred = False
 
     def update(self, item_id: str, prob: np.ndarray | torch.Tensor, alpha: float) -> np.ndarray:
         """Fold a new prediction into an item's average (:func:`ema_update`) and write it atomically.
@@ -310,7 +333,12 @@ class EMAStore:
         self.previous = previous
         average = ema_update(None if previous is None else previous[1:], prob[1:], alpha)
         stored = self._encode(average)
-        self._atomic_save(self.path(item_id), stored)
+        if self._deferred:
+            tmp = self._tmp_path(self.path(item_id))
+            np.save(tmp, stored)
+            self._pending[str(item_id)] = (tmp, None)
+        else:
+            self._atomic_save(self.path(item_id), stored)
         fg = self._decode(stored)
         return np.concatenate([1.0 - fg.sum(0, keepdims=True), fg], axis=0)
 
@@ -326,9 +354,14 @@ class EMAStore:
         return {**self._meta(), "items": items}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Replace the store's contents with a checkpoint's."""
+        """Replace the store's contents with a checkpoint's (under ``torchrun``: rank 0 writes, all ranks wait)."""
         if int(state_dict["num_classes"]) != self.num_classes:
             raise ValueError(f"checkpoint store has {state_dict['num_classes']} classes, this one {self.num_classes}.")
+        if distributed.is_main_process():
+            self._load_items(state_dict)
+        distributed.barrier()
+
+    def _load_items(self, state_dict: Mapping[str, Any]) -> None:
         self.clear()
         for stem, value in state_dict["items"].items():
             array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
@@ -340,25 +373,15 @@ class EMAStore:
 
     @staticmethod
     def _atomic_save(path: Path, array: np.ndarray) -> None:
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+        tmp = path.with_name(f".{path.stem}.{temporary_tag()}.tmp.npy")
         np.save(tmp, array)
         os.replace(tmp, path)
 
     @staticmethod
     def _atomic_write_text(path: Path, text: str) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{temporary_tag()}.tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class EMAEnsembleHandler:
@@ -378,6 +401,11 @@ class EMAEnsembleHandler:
     ``uncertainty`` it also writes each item's uncertainty map and the per-item summary that ``s2l suggest`` ranks
     (:mod:`s2l_monai.uncertainty`; computed from the prediction and the averages, no extra network pass).
 
+    Under ``torchrun`` each rank predicts its share of the items (the evaluator's loader has a
+    :class:`s2l_monai.distributed.ShardSampler`) into the shared store; the ensemble is published when every rank
+    is done (:meth:`EMAStore.begin` / :meth:`EMAStore.commit` around a barrier), the statistics are reduced over the
+    ranks and rank 0 draws the figures.
+
     Args:
         evaluator: the engine that predicts the un-augmented training items; its batches must carry ``id_key``
             and ``scribble_key``, its output ``"pred"`` logits ``BCHW``.
@@ -391,7 +419,7 @@ class EMAEnsembleHandler:
         scribble_key: key of the scribbles.
         slice_key: key of the slice index of a volume item (:func:`s2l_monai.volumes.slice_items`); batches without
             it are 2D items. A volume's slices update its one store entry (:meth:`EMAStore.update_slice`), which is
-            committed when the evaluator moves on to another volume and at the end of the ensemble.
+            unmapped when the evaluator moves on to another volume and published with the rest of the ensemble.
         num_slices_key: key of the volume's slice count.
         figure_dir: folder for the figures; None for none.
         num_figures: how many items get a figure.
@@ -463,10 +491,15 @@ class EMAEnsembleHandler:
         self._epoch = engine.state.epoch
         self._passed = self._unlabelled_total = self._seen = 0
         self._volume = None
+        self.store.begin()
         if self.uncertainty is not None:
             self.uncertainty.begin()
         try:
             self.evaluator.run(engine.state.epoch)
+            self.store.release()
+            # under torchrun every rank predicted its own share (ShardSampler); nothing is published before all of
+            # them are done, so a rank that fails leaves every rank's previous averages in place
+            distributed.barrier()
         except BaseException:
             self.store.abort()
             if self.uncertainty is not None:
@@ -475,11 +508,14 @@ class EMAEnsembleHandler:
         self.store.commit()
         if self.uncertainty is not None:
             self.uncertainty.commit(engine.state.epoch, engine.state.iteration)
+        seen, passed, total = distributed.all_reduce([self._seen, self._passed, self._unlabelled_total])
+        distributed.barrier()  # every rank's averages are in place before any rank trains on them
         network = getattr(engine, "network", None)
         if network is not None:
             network.train()
-        seconds = time.perf_counter() - start
-        coverage = self._passed / self._unlabelled_total if self._unlabelled_total else 0.0
+        self._seen = int(seen)
+        seconds = distributed.all_reduce([time.perf_counter() - start], op="max")[0]
+        coverage = passed / total if total else 0.0
         engine.state.metrics["ema_coverage"] = coverage
         engine.state.metrics["ensemble_seconds"] = seconds
         self.epochs_run.append(engine.state.epoch)
@@ -508,7 +544,7 @@ class EMAEnsembleHandler:
                 name = item_id
             else:
                 if self._volume is not None and self._volume != item_id:
-                    self.store.commit(self._volume)  # slice items come grouped by volume: publish the finished one
+                    self.store.release(self._volume)  # slice items come grouped by volume: unmap the finished one
                 self._volume = item_id
                 average = self.store.update_slice(item_id, k, int(item[self.num_slices_key]), prob, self.alpha)
                 name = f"{item_id}_z{k:04d}"
@@ -522,7 +558,7 @@ class EMAEnsembleHandler:
                 uncertainty = pixel_uncertainty(average, self.store.previous, prob, scribbled=~unlabelled)
                 num_slices = None if k is None else int(item[self.num_slices_key])
                 self.uncertainty.add(item_id, uncertainty, unlabelled, k, num_slices)
-            if self.figure_dir is not None and self._seen < self.num_figures:
+            if self.figure_dir is not None and self._seen < self.num_figures and distributed.is_main_process():
                 image = np.asarray(item[self.image_key].detach().cpu())
                 save_pseudo_label_figure(
                     self.figure_dir / f"{_SAFE.sub('_', name)}_epoch{self._epoch:04d}.png",

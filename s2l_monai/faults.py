@@ -7,7 +7,8 @@ the process sends itself ``SIGKILL`` the second time it passes ``checkpoint_writ
 costs one dictionary lookup.
 
 Points: ``step`` (after an optimiser step), ``ensemble_item`` (after an item's EMA update, mid-ensemble),
-``checkpoint_write`` (checkpoint written to its temporary file, not yet renamed).
+``checkpoint_write`` (checkpoint written to its temporary file, not yet renamed). Under ``torchrun``,
+``S2L_FAULT_RANK=r`` limits the fault to rank ``r`` (the others go on until they wait for it).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from __future__ import annotations
 import os
 import signal
 
-__all__ = ["FAULT_ENV", "fault_point"]
+__all__ = ["FAULT_ENV", "FAULT_RANK_ENV", "fault_point"]
 
 FAULT_ENV = "S2L_FAULT_AT"
+FAULT_RANK_ENV = "S2L_FAULT_RANK"
 _passes: dict[str, int] = {}
 
 
@@ -28,6 +30,9 @@ def fault_point(name: str) -> None:
         return
     target, _, count = spec.partition(":")
     if target != name:
+        return
+    only = os.environ.get(FAULT_RANK_ENV)
+    if only not in (None, "") and int(only) != int(os.environ.get("RANK", 0)):
         return
     _passes[name] = _passes.get(name, 0) + 1
     if _passes[name] == int(count or 1):

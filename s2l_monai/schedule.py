@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from monai.utils import min_version, optional_import
 
+from s2l_monai import distributed
+
 Events, _ = optional_import("ignite.engine", "0.5", min_version, "Events")
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -139,6 +141,7 @@ class TrainingSchedule:
         self.step = 0
         self.ensembles_done = 0
         self._clock: float | None = None
+        self._agreed: float | None = None  # under torchrun: the ranks' common clock (see ScheduleHandler)
 
     # ---------------------------------------------------------------------------------------------------- derived
     @property
@@ -175,8 +178,16 @@ class TrainingSchedule:
 
     def seconds(self) -> float:
         """Training seconds so far (this process and the ones before it, for a resumed run)."""
+        if self._agreed is not None:
+            return self._agreed
         running = 0.0 if self._clock is None else time.perf_counter() - self._clock
         return self.seconds_before + running
+
+    def agree(self, seconds: float | None) -> None:
+        """Use ``seconds`` as the clock until the next call (None: the own clock again). Under ``torchrun`` every
+        rank must take the same time-budget decisions (warm-up, ensembles, the end) at the same step, or one rank
+        waits for the others forever; :class:`ScheduleHandler` sets the slowest rank's clock after every step."""
+        self._agreed = None if seconds is None else float(seconds)
 
     def progress(self, step: int | None = None) -> float:
         """Share of the budget spent after ``step`` optimiser steps (default: the last step seen)."""
@@ -221,9 +232,11 @@ class TrainingSchedule:
 
     # ---------------------------------------------------------------------------------------------------- state
     def start_clock(self) -> None:
+        self._agreed = None
         self._clock = time.perf_counter()
 
     def stop_clock(self) -> None:
+        self._agreed = None
         if self._clock is not None:
             self.seconds_before += time.perf_counter() - self._clock
             self._clock = None
@@ -233,6 +246,7 @@ class TrainingSchedule:
         return {"seconds": self.seconds(), "step": self.step}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self._agreed = None
         self.seconds_before = float(state_dict.get("seconds", 0.0))
         self.step = int(state_dict.get("step", 0))
         if self._clock is not None:
@@ -246,7 +260,8 @@ class ScheduleHandler:
     iteration after every step and, once the progress reaches 1, makes the current epoch the last one (ending it
     early with ``engine.terminate_epoch()`` when the budget runs out mid-epoch), so ``EPOCH_COMPLETED`` (epoch
     metrics, checkpoints) and ``COMPLETED`` (final checkpoints) still fire. It stops the clock at ``COMPLETED`` and
-    logs the schedule once.
+    logs the schedule once. Under ``torchrun`` with a time budget, the ranks agree on the slowest one's clock
+    after every step (one small all-reduce), so they end, warm up and ensemble at the same step.
 
     Args:
         schedule: the schedule.
@@ -279,6 +294,9 @@ class ScheduleHandler:
 
     def iteration_completed(self, engine: Engine) -> None:
         self.schedule.step = engine.state.iteration
+        if self.schedule.max_seconds is not None and distributed.is_distributed():
+            self.schedule.agree(None)
+            self.schedule.agree(distributed.all_reduce([self.schedule.seconds()], op="max")[0])
         if not self.schedule.finished() or engine.state.max_epochs == engine.state.epoch and self._epoch_end(engine):
             return
         if engine.state.iteration < self.schedule.total_steps:

@@ -32,6 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from s2l_monai import distributed
+from s2l_monai.temporary_files import remove_stale_temporaries, temporary_tag
+
 __all__ = ["UncertaintyMaps", "pixel_uncertainty", "read_map", "uncertain_threshold", "SUMMARY_NAME"]
 
 SUMMARY_NAME = "uncertainty.json"
@@ -145,12 +148,7 @@ class UncertaintyMaps:
 
     def _remove_stale_temporaries(self) -> None:
         """Delete temporary files of processes that no longer run (an ensemble killed half-way)."""
-        from s2l_monai.ensemble import _pid_alive  # here: ensemble imports this module
-
-        for tmp in self.root.glob(".*.tmp*"):
-            pid = next((int(x) for x in reversed(tmp.name.split(".")) if x.isdigit()), None)
-            if pid is not None and pid != os.getpid() and not _pid_alive(pid):
-                tmp.unlink(missing_ok=True)
+        remove_stale_temporaries(self.root)
 
     def path(self, item_id: str) -> Path:
         """The map file of an item."""
@@ -181,8 +179,8 @@ class UncertaintyMaps:
         offset = None
         if slice_index is None:
             if self._pack is None:
-                name = f"maps_{time.time_ns()}.u8"
-                tmp = self.root / f".{name}.{os.getpid()}.tmp"
+                name = f"maps_{time.time_ns()}_r{distributed.rank()}.u8"
+                tmp = self.root / f".{name}.{temporary_tag()}.tmp"
                 self._pack = (name, tmp, open(tmp, "wb"))  # noqa: SIM115 - closed in commit() / abort()
             name, _, handle = self._pack
             offset = handle.tell()
@@ -212,7 +210,7 @@ class UncertaintyMaps:
     def _volume_work(self, item_id: str, final: Path, shape: tuple[int, ...]) -> np.ndarray:
         if item_id in self._pending:
             return self._pending[item_id][1]
-        tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp.npy")
+        tmp = final.with_name(f".{final.stem}.{temporary_tag()}.tmp.npy")
         work = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         if final.exists():
             old = np.load(final, mmap_mode="r")
@@ -224,7 +222,11 @@ class UncertaintyMaps:
         return work
 
     def commit(self, epoch: int | None = None, step: int | None = None) -> Path:
-        """Publish the maps of this ensemble and rewrite the summary; returns the summary's path."""
+        """Publish the maps of this ensemble and rewrite the summary; returns the summary's path.
+
+        Under ``torchrun`` each rank publishes the maps of its share; rank 0 gathers every rank's entries, writes
+        the one summary (in the items' order) and deletes the packs it no longer refers to.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         pack = None
         if self._pack is not None:
@@ -238,6 +240,16 @@ class UncertaintyMaps:
             del work
             os.replace(tmp, self.path(key))
         self._pending.clear()
+        gathered = distributed.all_gather_objects((self._entries, pack))
+        self._entries = []
+        out = self.root / SUMMARY_NAME
+        if not distributed.is_main_process():
+            return out
+        entries = [e for rank_entries, _ in gathered for e in rank_entries]
+        if len(gathered) > 1:  # back into the items' order (volumes: by slice)
+            order = {key: i for i, key in enumerate(self.paths)}
+            entries.sort(key=lambda e: (order.get(e["id"], len(order)), -1 if e["slice"] is None else e["slice"]))
+        packs = {p for _, p in gathered if p is not None}
         summary = {
             "epoch": epoch,
             "step": step,
@@ -248,16 +260,14 @@ class UncertaintyMaps:
                           "ensemble); 0 on scribbled pixels; uncertain where u >= threshold = 2 (1 - tau)",
             "scribble_values": self.scribble_values,
             "slice_axis": self.slice_axis,
-            "items": self._entries,
+            "items": entries,
         }
-        out = self.root / SUMMARY_NAME
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp = out.with_name(f".{out.name}.{temporary_tag()}.tmp")
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, out)
         for old in self.root.glob("maps_*.u8"):  # the packs no summary refers to any more
-            if old.name != pack:
+            if old.name not in packs:
                 old.unlink(missing_ok=True)
-        self._entries = []
         return out
 
     def abort(self) -> None:

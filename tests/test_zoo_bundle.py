@@ -178,6 +178,7 @@ def test_zip_layout_and_sizes(zoo):
         assert all(n.startswith(f"{NAME}/") for n in names)
         for required in ("LICENSE", "configs/metadata.json", "configs/inference.json", "configs/train.json",
                          "configs/evaluate.json", "configs/paper.json", "configs/logging.conf",
+                         "configs/multi_gpu_train.json", "configs/multi_gpu_inference.json",
                          "configs/schema/meta_schema.json", "docs/README.md", "docs/data_license.txt",
                          "large_files.yml", "models/model.pt", "scripts/__init__.py",
                          "scripts/s2l_monai/__init__.py", "scripts/s2l_monai/data/synthetic.py"):

@@ -296,7 +296,9 @@ def resolve_class_weights(
 
         estimate = estimate_class_prior(items, unlabelled=unlabelled)
         logging.getLogger("s2l_monai.prior").info(estimate.describe())
-        if output_dir is not None:
+        from s2l_monai.distributed import is_main_process
+
+        if output_dir is not None and is_main_process():  # every rank estimates the same; rank 0 records it
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             (Path(output_dir) / "class_prior.json").write_text(json.dumps({
                 "items": estimate.items,
