@@ -13,5 +13,7 @@ export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 # Training and inference share the CPU with the server and the data-loader workers: keep PyTorch's OpenMP threads
 # from spinning (docs/design.md, "Speed on small machines"); an OMP_WAIT_POLICY already set wins.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+# MONAI Label's multi-GPU training runs `torchrun` from PATH: this environment's.
+export PATH="$venv/bin:$PATH"
 exec "$venv/bin/python" -m monailabel.main start_server --app "$here" --studies "$studies" --host 127.0.0.1 --port "$port" \
     --conf zoo_source github --conf sam2 false "$@"

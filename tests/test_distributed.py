@@ -192,3 +192,19 @@ def test_sharded_inference_equals_single_process(ensemble_data, tmp_path):
     v1 = {p.name: p.read_bytes() for p in (tmp_path / "v1").iterdir()}
     v2 = {p.name: p.read_bytes() for p in (tmp_path / "v2").iterdir()}
     assert len(v1) == 6 and v1 == v2
+
+
+def test_benchmark_reads_rank_zero_log():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.distributed import parse_log
+
+    log = """2026-12-03 05:16:42,909 - ScheduleHandler - INFO - schedule: 8 steps (4.0 epochs of 2 steps); warm-up
+2026-12-03 05:16:43,579 - EMAEnsembleHandler - INFO - Epoch 2, step 4: ensemble of 5 items in 0.1 s; 11.7% of
+2026-12-03 05:16:44,278 - EMAEnsembleHandler - INFO - Epoch 4, step 8: ensemble of 5 items in 0.25 s; 11.6% of
+2026-12-03 05:16:46,409 - s2l - INFO - training finished after 8 steps in 0.1 min of training; model: m.pt
+"""
+    found = parse_log(log)
+    assert found["steps"] == 8 and found["ensembles"] == 2
+    assert found["train_seconds"] == pytest.approx(3.5) and found["ensemble_seconds"] == pytest.approx(0.35)
+    with pytest.raises(ValueError):
+        parse_log("nothing")

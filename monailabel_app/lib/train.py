@@ -11,6 +11,9 @@ this subclass only changes what it is given:
   default) with a fresh optimiser and schedule; the EMA pseudo-label store of earlier runs
   (``<bundle>/runs/monailabel/train/ema``, keyed by image id) is reused for every image whose content did not
   change (:func:`lib.training_set.refresh_ema_store`);
+* several GPUs: MONAI Label's own ``multi_gpu`` / ``gpus`` options (on by default where the machine has more than
+  one GPU) run the bundle under ``torchrun`` with ``configs/multi_gpu_train.json`` (``torchrun`` from PATH:
+  ``start_server.sh`` puts the environment's first);
 * Scribble2Label's hyper-parameters can be set per request. The bundle's schedule is a step budget
   (``max_steps``) with warm-up and ensembles as shares of it; MONAI Label's ``max_epochs`` option (and
   ``warmup_epochs``, ``ema_every``, ``ema_alpha``) override it in epochs when given (0 or empty: the bundle's own).
@@ -72,7 +75,7 @@ class ScribbleTrainTask(BundleTrainTask):
         """Options shown by viewers: MONAI Label's, the bundle's step budget and S2L's parameters; the epoch keys
         default to 0 (= use the step schedule)."""
         options = super().config()
-        for key in ("val_split", "multi_gpu", "gpus", "tracking", "tracking_uri", "tracking_experiment_name"):
+        for key in ("val_split", "tracking", "tracking_uri", "tracking_experiment_name"):
             options.pop(key, None)
         for key in HYPER_PARAMETERS:
             options[key] = self.bundle_config.get_parsed_content(key)
@@ -146,6 +149,11 @@ class ScribbleTrainTask(BundleTrainTask):
                 self.const.key_train_trainer_max_epochs(): "$@schedule.max_epochs",
             }
         )
+        # as an expression: the multi-GPU path writes the overrides into a JSON config (a torch.device is not JSON);
+        # there configs/multi_gpu_train.json gives each torchrun process its own device anyway
+        device = overrides.get(self.const.key_device())
+        if device is not None and not isinstance(device, str):
+            overrides[self.const.key_device()] = f"$torch.device('{device}')"
         for key, cast in HYPER_PARAMETERS.items():
             if self._request.get(key) is not None:
                 overrides[key] = cast(self._request[key])
