@@ -26,7 +26,9 @@ __all__ = ["IMAGE_EXTENSIONS", "SaveArrayd", "as_bool", "image_stem", "list_imag
 #: File types read as input images (case-insensitive).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 _OUTPUT_EXTENSIONS = (".png", ".tif", ".tiff")
-_STEM = re.compile(r"(\.ome\.tiff?|\.nii\.gz|\.[A-Za-z0-9]+)$", re.IGNORECASE)
+# endings of image formats stored as a folder (one item in a listing)
+_FOLDER_FORMATS = (".zarr",)
+_STEM = re.compile(r"(\.ome\.tiff?|\.ome\.zarr|\.nii\.gz|\.[A-Za-z0-9]+)$", re.IGNORECASE)
 
 
 def as_bool(value: Any) -> bool:
@@ -52,12 +54,18 @@ def as_bool(value: Any) -> bool:
 
 
 def image_stem(path: str | os.PathLike) -> str:
-    """Base name of an image file without folder and extension (``a/b/x.ome.tif`` -> ``x``, ``x.nii.gz`` -> ``x``)."""
+    """Base name of an image file without folder and extension (``a/b/x.ome.tif`` -> ``x``, ``x.nii.gz`` -> ``x``).
+
+    An OME-Zarr volume is a folder: ``a/x.ome.zarr`` (or ``a/x.ome.zarr/``) -> ``x``, ``x.zarr`` -> ``x``.
+    """
     return _STEM.sub("", Path(path).name)
 
 
 def list_images(input_dir: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[dict[str, str]]:
     """Items ``{"image": path, "id": stem}`` for the images directly inside a folder, sorted by file name.
+
+    A folder whose name ends with an accepted ending that names a folder format (``.zarr`` / ``.ome.zarr``: an
+    OME-Zarr volume) is one item; other folders are skipped.
 
     Args:
         input_dir: folder of images (not searched recursively; hidden files are skipped).
@@ -77,7 +85,11 @@ def list_images(input_dir: str | os.PathLike, extensions: Sequence[str] = IMAGE_
         raise DataError([f"{root}: folder does not exist"], "input_dir")
     exts = tuple(e.lower() for e in extensions)
     files = sorted(
-        p for p in root.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(exts)
+        p
+        for p in root.iterdir()
+        if not p.name.startswith(".")
+        and p.name.lower().endswith(exts)
+        and (p.is_file() or (p.is_dir() and p.name.lower().endswith(_FOLDER_FORMATS)))
     )
     if not files:
         raise DataError([f"{root}: no images ({', '.join(exts)}) found"], "input_dir")

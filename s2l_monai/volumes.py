@@ -5,10 +5,14 @@ Scribble2Label works on 2D images; a volume is used as a stack of 2D slices take
 
 * **Readers** that give one slice without loading the volume (:func:`open_volume`): TIFF stacks with ``tifffile``
   (memory-mapped when the file is uncompressed, page by page otherwise; MONAI's ``PILReader`` silently reads only
-  the first page), NIfTI with ``nibabel`` (its lazy ``dataobj``), MHA / MHD / NRRD with ``itk``.
+  the first page), NIfTI with ``nibabel`` (its lazy ``dataobj``), MHA / MHD / NRRD with ``itk``, and OME-Zarr
+  folders (``.ome.zarr`` / ``.zarr``, level 0 of the multiscale image, :mod:`s2l_monai.ome_zarr`) chunk by chunk.
 * **Writers** (:class:`VolumeWriter`) that fill an output slice by slice into a memory-mapped scratch file and then
   encode it in the input's format with the input's geometry: TIFF resolution tags and ImageJ ``spacing`` / ``unit``
   metadata, NIfTI affine and header, ITK spacing / origin / direction. The final file appears by ``os.replace``.
+  OME-Zarr outputs are written straight into the Zarr array (no scratch copy of the volume): the slices of one row
+  of chunks along the slice axis are gathered in memory and written as whole chunks, in the input's chunking and
+  with its ``scale`` / unit, into a temporary folder renamed into place at the end.
 * :func:`slice_items`: expands the volume items of a datalist into per-slice items (``id`` = the volume's id,
   ``slice`` = the index, ``num_slices``) so the whole 2D pipeline of ``configs/train.json`` is reused unchanged.
 * :class:`LoadVolumeSliced`: the MONAI transform that reads those slices (``1HW``), in place of ``LoadImaged``.
@@ -48,6 +52,7 @@ from monai.utils import min_version, optional_import
 from scipy import ndimage as ndi
 
 from s2l_monai.inference_io import image_stem
+from s2l_monai.ome_zarr import create_ome_zarr, is_zarr_path, open_ome_zarr
 
 Events, _ = optional_import("ignite.engine", "0.5", min_version, "Events")
 if TYPE_CHECKING:
@@ -77,24 +82,33 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: File endings read as volumes (case-insensitive).
-VOLUME_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+VOLUME_EXTENSIONS: tuple[str, ...] = (
+    ".tif", ".tiff", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".ome.zarr", ".zarr"
+)
 #: How instances are made from a semantic volume: per slice (2D, ids made unique over the volume) or 3D components.
 INSTANCE_MODES: tuple[str, ...] = ("slice", "3d")
 # dtypes an ImageJ hyperstack can hold; other dtypes are written as plain (shaped) TIFF.
 _IMAGEJ_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 _INCH_MM, _CM_MM = 25.4, 10.0
+#: OME-Zarr reading: a slice read decodes whole chunks, so the chunk row it belongs to (``chunk extent along the
+#: slice axis x the slice plane``) is kept for the next slices when it is at most this many bytes.
+ZARR_READ_CACHE_BYTES = 256 * 2**20
+#: OME-Zarr writing: slices are gathered per chunk row along the slice axis and written as whole chunks when a row
+#: is at most this many bytes (per output); larger rows are written slice by slice (chunks read, updated, rewritten).
+ZARR_WRITE_BUFFER_BYTES = 256 * 2**20
 
 
 def volume_extension(path: str | os.PathLike) -> str:
-    """The file ending of a volume, lower case (``.nii.gz`` counts as one ending)."""
+    """The file ending of a volume, lower case (``.nii.gz`` and ``.ome.zarr`` count as one ending)."""
     name = Path(path).name.lower()
-    if name.endswith(".nii.gz"):
-        return ".nii.gz"
+    for double in (".nii.gz", ".ome.zarr"):
+        if name.endswith(double):
+            return double
     return Path(name).suffix
 
 
 def volume_format(path: str | os.PathLike) -> str:
-    """``"tiff"``, ``"nifti"`` or ``"itk"`` from a file name.
+    """``"tiff"``, ``"nifti"``, ``"itk"`` or ``"zarr"`` (OME-Zarr) from a file name.
 
     Raises:
         ValueError: an ending that is not a volume format.
@@ -106,6 +120,8 @@ def volume_format(path: str | os.PathLike) -> str:
         return "nifti"
     if ext in (".mha", ".mhd", ".nrrd"):
         return "itk"
+    if is_zarr_path(path):
+        return "zarr"
     raise ValueError(f"{path}: not a volume file; expected one of {VOLUME_EXTENSIONS}")
 
 
@@ -121,12 +137,13 @@ class VolumeGeometry:
     Attributes:
         shape: ``(Z, Y, X)``.
         spacing: voxel size ``(z, y, x)`` (file units: mm for NIfTI / ITK, the TIFF's unit otherwise).
-        format: ``"tiff"``, ``"nifti"`` or ``"itk"``.
-        unit: length unit where the file names one (TIFF / ImageJ), else None.
+        format: ``"tiff"``, ``"nifti"``, ``"itk"`` or ``"zarr"``.
+        unit: length unit where the file names one (TIFF / ImageJ, OME-Zarr axes), else None.
         affine: NIfTI: the 4x4 voxel-to-world affine (nibabel ``i, j, k`` convention).
         header: NIfTI: the nibabel header (copied into outputs, dtype and scaling reset).
         origin: ITK: origin in ITK ``x, y, z`` order.
         direction: ITK: 3x3 direction cosines (ITK order).
+        extra: format-specific: OME-Zarr ``chunks`` (``ZYX``), ``translation``, ``name``.
     """
 
     shape: tuple[int, int, int]
@@ -194,6 +211,7 @@ class Volume:
         self._pages: Any = None  # tifffile pages, for compressed TIFF along axis 0
         self._tif: Any = None
         self._scratch: Path | None = None
+        self._block: tuple[int, int, int, np.ndarray] | None = None  # OME-Zarr: (axis, start, stop, chunk row)
         getattr(self, f"_open_{self.format}")()
         self.shape: tuple[int, int, int] = self.geometry.shape
         self.ndim = 3
@@ -256,6 +274,19 @@ class Volume:
             direction=direction,
         )
 
+    def _open_zarr(self) -> None:
+        array, info = open_ome_zarr(self.path)
+        self._array = array
+        self.dtype = np.dtype(array.dtype)
+        extra: dict[str, Any] = {"chunks": info.chunks}
+        if info.translation is not None:
+            extra["translation"] = info.translation
+        if info.name:
+            extra["name"] = info.name
+        self.geometry = VolumeGeometry(
+            shape=info.shape, spacing=info.spacing, format="zarr", unit=info.unit, extra=extra
+        )
+
     # -- access ------------------------------------------------------------------------------------------------------
     def slice(self, axis: int, index: int) -> np.ndarray:
         """One 2D slice ``index`` along ``axis`` (0, 1, 2 of ``ZYX``), in the file's dtype.
@@ -271,10 +302,31 @@ class Volume:
             raise IndexError(f"{self.path.name}: slice {index} outside 0..{self.shape[axis] - 1} along axis {axis}")
         if self._array is None and self._pages is not None and axis == 0:
             return np.asarray(self._pages[index].asarray()).reshape(self.shape[1:])
+        if self.format == "zarr":
+            return self._zarr_slice(axis, index)
         array = self._full_for_pages() if self._array is None else self._array
         sl: list[Any] = [slice(None)] * 3
         sl[axis] = index
         return np.asarray(array[tuple(sl)])
+
+    def _zarr_slice(self, axis: int, index: int) -> np.ndarray:
+        """A slice of an OME-Zarr volume; the chunk row holding it is decoded once and kept for its neighbours."""
+        block = self._block
+        if block is not None and block[0] == axis and block[1] <= index < block[2]:
+            return block[3][(slice(None),) * axis + (index - block[1],)].copy()
+        sl: list[Any] = [slice(None)] * 3
+        extent = int(self.geometry.extra["chunks"][axis])
+        plane = math.prod(s for a, s in enumerate(self.shape) if a != axis)
+        if extent > 1 and extent * plane * self.dtype.itemsize <= ZARR_READ_CACHE_BYTES:
+            start = index // extent * extent
+            stop = min(start + extent, self.shape[axis])
+            sl[axis] = slice(start, stop)
+            self._block = None  # the previous row is freed before the next is read
+            rows = np.asarray(self._array[tuple(sl)])
+            self._block = (axis, start, stop, rows)
+            return rows[(slice(None),) * axis + (index - start,)].copy()
+        sl[axis] = index
+        return np.asarray(self._array[tuple(sl)])
 
     def _full_for_pages(self) -> np.ndarray:
         """Decode a compressed TIFF once into a scratch memory-mapped file (for slices along axis 1 or 2)."""
@@ -301,6 +353,8 @@ class Volume:
             return self._full_for_pages()
         if isinstance(self._array, _NiftiZYX):
             return np.asanyarray(self._array.proxy).reshape(self._array.shape_ijk).T
+        if self.format == "zarr":
+            return np.asarray(self._array[...])
         return self._array
 
     def close(self) -> None:
@@ -308,6 +362,7 @@ class Volume:
         if self._tif is not None:
             self._tif.close()
         self._array = None
+        self._block = None
         if self._scratch is not None:
             self._scratch.unlink(missing_ok=True)
             self._scratch = None
@@ -385,6 +440,13 @@ class VolumeWriter:
     header with this dtype; ITK: spacing, origin, direction) into a temporary file that replaces ``path``
     atomically, and deletes the scratch file.
 
+    OME-Zarr (``path`` ending in ``.ome.zarr`` / ``.zarr``) has no scratch copy: :attr:`array` is the level-0 Zarr
+    array of a temporary ``.zarr`` folder next to ``path``, created with the geometry's chunks
+    (``geometry.extra["chunks"]``, as :class:`Volume` reads them) and ``scale`` / unit. Slices are gathered per chunk
+    row along the slice axis (:data:`ZARR_WRITE_BUFFER_BYTES`) and each complete row is written as whole chunks,
+    so memory stays at one chunk row per output; :meth:`close` writes what is left and renames the folder to
+    ``path``. Call :meth:`flush` before reading :attr:`array` back.
+
     Args:
         path: output file; its ending picks the format (see :func:`volume_format`).
         shape: ``(Z, Y, X)``.
@@ -405,17 +467,73 @@ class VolumeWriter:
         self.dtype = np.dtype(dtype)
         self.geometry = geometry or VolumeGeometry(shape=self.shape)  # type: ignore[arg-type]
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._rows: dict[tuple[int, int], tuple[np.ndarray, set[int]]] = {}  # OME-Zarr: (axis, start) -> row, done
+        if self.format == "zarr":
+            import shutil
+
+            self._scratch = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp.zarr")
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            g = self.geometry
+            self.array = create_ome_zarr(
+                self._scratch, self.shape, self.dtype, chunks=g.extra.get("chunks"), spacing=g.spacing,
+                unit=g.unit, translation=g.extra.get("translation"), name=g.extra.get("name"),
+            )
+            self.chunks: tuple[int, ...] = tuple(int(c) for c in self.array.chunks)
+            return
         self._scratch = self.path.with_name(f".{self.path.name}.{os.getpid()}.scratch.npy")
         self.array = np.lib.format.open_memmap(self._scratch, mode="w+", dtype=self.dtype, shape=self.shape)
 
     def write_slice(self, axis: int, index: int, data: np.ndarray) -> None:
         """Put a 2D slice (values must fit the dtype) at ``index`` along ``axis``."""
+        axis, index = int(axis), int(index)
         sl: list[Any] = [slice(None)] * 3
-        sl[int(axis)] = int(index)
-        self.array[tuple(sl)] = data
+        sl[axis] = index
+        if self.format != "zarr":
+            self.array[tuple(sl)] = data
+            return
+        extent = self.chunks[axis]
+        plane = [s for a, s in enumerate(self.shape) if a != axis]
+        if extent == 1 or extent * math.prod(plane) * self.dtype.itemsize > ZARR_WRITE_BUFFER_BYTES:
+            self.array[tuple(sl)] = np.asarray(data, dtype=self.dtype)  # chunks read, updated and rewritten
+            return
+        start = index // extent * extent
+        stop = min(start + extent, self.shape[axis])
+        key = (axis, start)
+        if key not in self._rows:
+            if len(self._rows) >= 2:  # slices out of order: write the oldest row's slices as they are
+                self._flush_row(next(iter(self._rows)))
+            row_shape = list(self.shape)
+            row_shape[axis] = stop - start
+            self._rows[key] = (np.zeros(row_shape, dtype=self.dtype), set())
+        row, done = self._rows[key]
+        row[(slice(None),) * axis + (index - start,)] = data
+        done.add(index)
+        if len(done) == stop - start:
+            self._flush_row(key)
+
+    def _flush_row(self, key: tuple[int, int]) -> None:
+        """Write a gathered chunk row into the Zarr array (whole chunks when it is complete)."""
+        row, done = self._rows.pop(key)
+        axis, start = key
+        stop = start + row.shape[axis]
+        if len(done) == stop - start:
+            self.array[(slice(None),) * axis + (slice(start, stop),)] = row
+            return
+        for k in sorted(done):  # an incomplete row: only its written slices (the others may come later)
+            self.array[(slice(None),) * axis + (k,)] = row[(slice(None),) * axis + (k - start,)]
+
+    def flush(self) -> None:
+        """Write the slices still gathered in memory (OME-Zarr; memory-mapped outputs are flushed to disk)."""
+        if self.format == "zarr":
+            for key in list(self._rows):
+                self._flush_row(key)
+        elif hasattr(self, "array"):
+            self.array.flush()
 
     def close(self) -> Path:
         """Encode the volume into ``path`` (atomically) and remove the scratch file; returns ``path``."""
+        if self.format == "zarr":
+            return self._close_zarr()
         self.array.flush()
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp{volume_extension(self.path)}")
         try:
@@ -427,10 +545,35 @@ class VolumeWriter:
             self._scratch.unlink(missing_ok=True)
         return self.path
 
+    def _close_zarr(self) -> Path:
+        import shutil
+
+        try:
+            self.flush()
+            del self.array
+            old = None
+            if self.path.exists():  # a folder cannot replace a non-empty folder: move the old one aside first
+                old = self.path.with_name(f".{self.path.name}.{os.getpid()}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(self.path, old)
+            os.replace(self._scratch, self.path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            self._rows.clear()
+            shutil.rmtree(self._scratch, ignore_errors=True)
+        return self.path
+
     def abort(self) -> None:
-        """Drop the scratch file without writing."""
+        """Drop the scratch file (OME-Zarr: the temporary folder) without writing."""
         if hasattr(self, "array"):
             del self.array
+        self._rows.clear()
+        if self.format == "zarr":
+            import shutil
+
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            return
         self._scratch.unlink(missing_ok=True)
 
     def _write_tiff(self, tmp: Path) -> None:
@@ -675,13 +818,15 @@ class SaveVolumeSliced(MapTransform):
     For the input ``<dir>/<name><ext>`` it writes ``<output_dir>/<name>_semantic<ext>`` (class ids x
     ``semantic_scale``, uint8), ``<name>_instances<ext>`` (uint32 labels) and, with ``save_probabilities``,
     ``<name>_prob<ext>`` (float32 foreground probability), in the input's format and geometry
-    (:class:`VolumeWriter`). Slices are written as they come, into memory-mapped scratch files; when the last of a
-    volume's ``num_slices`` slices has arrived the outputs are encoded and moved into place.
+    (:class:`VolumeWriter`). Slices are written as they come, into memory-mapped scratch files (OME-Zarr: straight
+    into the output's chunks, one chunk row gathered at a time); when the last of a volume's ``num_slices`` slices
+    has arrived the outputs are encoded and moved into place.
 
     Instances (``instance_mode``): ``"slice"`` keeps the per-slice instances of ``instances_key`` (from
     :class:`~s2l_monai.instances.Instancesd`) and offsets their ids so that they are unique in the volume;
     ``"3d"`` ignores them and labels 3D connected components of the finished semantic volume
-    (:func:`volume_instances_3d`, cleaned with ``min_size``).
+    (:func:`volume_instances_3d`, cleaned with ``min_size``), which needs the whole semantic volume in memory
+    (5 bytes per voxel): ``"slice"`` is the flat-memory mode for OME-Zarr volumes larger than memory.
 
     Args:
         keys: ``(semantic_key, instances_key, prob_key)`` of the post-processed item (``1HW`` each).
@@ -775,8 +920,12 @@ class SaveVolumeSliced(MapTransform):
     def _finish(self, source: str) -> None:
         entry = self.open.pop(source)
         if self.instance_mode == "3d":
-            semantic = entry.writers["semantic"].array
-            entry.writers["instances"].array[:] = volume_instances_3d(semantic, min_size=self.min_size)
+            # needs the whole semantic volume in memory for OME-Zarr too (1 byte + 4 bytes of labels per voxel);
+            # instance_mode "slice" is the flat-memory mode for volumes larger than memory.
+            entry.writers["semantic"].flush()
+            semantic = np.asarray(entry.writers["semantic"].array[...])
+            entry.writers["instances"].array[...] = volume_instances_3d(semantic, min_size=self.min_size)
+            del semantic
         paths = {kind: writer.close() for kind, writer in entry.writers.items()}
         self.finished.append(paths)
         logger.info(f"Wrote {', '.join(p.name for p in paths.values())} for {Path(source).name}.")
@@ -830,11 +979,11 @@ class VolumeMetricsHandler:
             source = item["image"]
             stem, ext = image_stem(source), volume_extension(source)
             pred_path = self.prediction_dir / f"{stem}_instances{ext}"
-            if not pred_path.is_file():
+            if not pred_path.exists():
                 raise FileNotFoundError(f"{pred_path} was not written (save_predictions must be true for 3D metrics)")
             pred, _ = read_volume(pred_path)
             sem_path = self.prediction_dir / f"{stem}_semantic{ext}"
-            semantic = read_volume(sem_path)[0] > 0 if sem_path.is_file() else None
+            semantic = read_volume(sem_path)[0] > 0 if sem_path.exists() else None
             label, _ = read_volume(item["label"])
             gt = gt_instances(label)
             self.records.append(evaluate_pair(pred.astype(np.int64), gt, semantic, name=stem))

@@ -86,13 +86,26 @@ def _count_nonfinite(array: np.ndarray) -> int:
     return int(array.size - np.count_nonzero(np.isfinite(array)))
 
 
-def _slices(path: Path) -> tuple[tuple[int, ...], Callable[[int], np.ndarray]]:
-    """Shape ``ZYX`` of a volume file and a reader of its ``Z`` slices (memory-mapped where the format allows)."""
+def _missing(path: Path, what: str = "file", check_empty: bool = True) -> str | None:
+    """Why ``path`` cannot be read as an input (absent or empty), or None. An OME-Zarr volume is a folder."""
+    if path.name.lower().endswith(".zarr"):
+        if not path.is_dir():
+            return f"{path}: OME-Zarr folder does not exist"
+        return None
+    if not path.is_file():
+        return f"{path}: {what} does not exist"
+    if check_empty and path.stat().st_size == 0:
+        return f"{path}: {what} is empty (0 bytes)"
+    return None
+
+
+def _slices(path: Path) -> tuple[tuple[int, ...], Callable[[int], np.ndarray], np.dtype]:
+    """Shape ``ZYX`` of a volume, a reader of its ``Z`` slices (memory-mapped / chunk by chunk) and its dtype."""
     from s2l_monai.volumes import open_volume
 
     try:
         vol = open_volume(path)
-        return tuple(int(s) for s in vol.shape), lambda k: np.asarray(vol.slice(0, k))
+        return tuple(int(s) for s in vol.shape), lambda k: np.asarray(vol.slice(0, k)), np.dtype(vol.dtype)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
         raise ValueError(f"{path}: cannot be read as a volume ({type(exc).__name__}: {exc})") from exc
 
@@ -114,18 +127,18 @@ def check_image(
     path = Path(path)
     problems: list[str] = []
     warnings: list[str] = []
-    if not path.is_file():
-        return None, [f"{path}: file does not exist"], []
-    if path.stat().st_size == 0:
-        return None, [f"{path}: file is empty (0 bytes)"], []
+    missing = _missing(path)
+    if missing:
+        return None, [missing], []
     bad = 0
     try:
         if volume:
-            shape, read = _slices(path)
+            shape, read, dtype = _slices(path)
             if len(shape) != 3:
                 return None, [f"{path}: volume shape {shape} is not ZYX"], []
-            for k in range(shape[0]):
-                bad += _count_nonfinite(read(k))
+            if np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.complexfloating):
+                for k in range(shape[0]):  # integer volumes cannot hold NaN: not read at all
+                    bad += _count_nonfinite(read(k))
             spatial: tuple[int, ...] = shape
             sides = shape[1:]
         else:
@@ -165,15 +178,14 @@ def check_scribble(
     """
     path = Path(path)
     counts = {"background": 0, "foreground": 0}
-    if not path.is_file():
-        return [f"{path}: scribble file does not exist"], counts
-    if path.stat().st_size == 0:
-        return [f"{path}: scribble file is empty (0 bytes)"], counts
+    missing = _missing(path, "scribble file")
+    if missing:
+        return [missing], counts
     declared = {int(values[k]) for k in ("background", "foreground", "unlabelled")}
     found: set[Any] = set()
     try:
         if volume:
-            own, read = _slices(path)
+            own, read, _ = _slices(path)
             planes = (read(k) for k in range(own[0]))
         else:
             plane = _as_2d(read_array(path))
@@ -199,11 +211,12 @@ def check_scribble(
 def check_label(path: str | Path, shape: tuple[int, ...] | None, volume: bool = False) -> list[str]:
     """Check a full mask / instance map: readable, single-channel, the image's shape."""
     path = Path(path)
-    if not path.is_file():
-        return [f"{path}: label file does not exist"]
+    missing = _missing(path, "label file", check_empty=False)
+    if missing:
+        return [missing]
     try:
         if volume:
-            own, _ = _slices(path)
+            own, _, _ = _slices(path)
         else:
             label = _as_2d(read_array(path))
             if label is None:
