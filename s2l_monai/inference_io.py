@@ -7,9 +7,16 @@ output file overlays its input pixel for pixel.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import pickle
 import re
-from collections.abc import Hashable, Mapping, Sequence
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +28,17 @@ from monai.transforms import MapTransform
 from monai.utils import ensure_tuple_rep
 from PIL import Image
 
-__all__ = ["IMAGE_EXTENSIONS", "SaveArrayd", "as_bool", "image_stem", "list_images", "source_name", "write_array"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "BackgroundPostprocessing",
+    "PostprocessingError",
+    "SaveArrayd",
+    "as_bool",
+    "image_stem",
+    "list_images",
+    "source_name",
+    "write_array",
+]
 
 #: File types read as input images (case-insensitive).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -227,3 +244,223 @@ class SaveArrayd(MapTransform):
                 arr = np.rint(arr) if np.issubdtype(arr.dtype, np.floating) else arr
             write_array(self.filename(d, postfix, ext), arr.astype(dtype, copy=False))
         return d
+
+
+class PostprocessingError(RuntimeError):
+    """Post-processing of one item failed in a worker; the message names the item and the worker's error.
+
+    A plain, picklable exception: the worker's own exception may not survive pickling (an exception class whose
+    constructor takes other arguments than its message cannot be rebuilt in the parent process).
+
+    Args:
+        name: the item's base name (its input file without extension).
+        message: the worker's error, ``Type: message``, with the worker's traceback for errors that are not
+            :class:`~s2l_monai.errors.S2LError` (those describe the input and are complete without one).
+    """
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        self.message = message
+        super().__init__(f"post-processing of {name!r} failed: {message}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.name, self.message)
+
+
+# The post-processing chain of a worker process, set once by the pool's initializer: the chain holds objects that
+# do not pickle (the configs' ``$lambda`` transforms), so workers are forked with it rather than sent it per item.
+_WORKER_TRANSFORM: Callable[[Any], Any] | None = None
+
+
+def _exit_with_parent(parent: int, interval: float = 1.0) -> None:
+    """Exit this worker when its parent is gone (killed): a forked worker holds both ends of the pool's task queue,
+    so it would otherwise wait for tasks forever (torch's DataLoader workers watch their parent the same way)."""
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
+
+
+def _init_worker(transform: Callable[[Any], Any], parent: int) -> None:
+    global _WORKER_TRANSFORM
+    _WORKER_TRANSFORM = transform
+    # one thread per worker: the parent's network already uses the cores, and the chain's torch steps are small
+    torch.set_num_threads(1)
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="s2l-parent-watch", daemon=True).start()
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of the innermost cause of ``exc`` (MONAI wraps a transform's error in a RuntimeError)."""
+    from s2l_monai.errors import find_user_error
+
+    user = find_user_error(exc)
+    if user is not None:
+        return f"{type(user).__name__}: {user}"
+    inner = exc
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    text = "".join(traceback.format_exception(exc)).rstrip()
+    return f"{type(inner).__name__}: {inner}\n--- worker traceback ---\n{text}"
+
+
+def _apply(transform: Callable[[Any], Any], name: str, data: Any) -> None:
+    """Apply ``transform`` to one item; any error comes back as a :class:`PostprocessingError` naming it."""
+    try:
+        transform(data)
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent, named
+        raise PostprocessingError(name, _describe(exc)) from None
+
+
+def _run_in_worker(name: str, payload: bytes) -> None:
+    """Apply the worker process's chain to one pickled item; what the chain returns is dropped (it writes files)."""
+    if _WORKER_TRANSFORM is None:  # pragma: no cover - only if a worker was started without the initializer
+        raise PostprocessingError(name, "worker has no post-processing chain")
+    _apply(_WORKER_TRANSFORM, name, pickle.loads(payload))
+
+
+def _cpu(value: Any) -> Any:
+    """``value`` with every tensor (in dicts, lists, tuples) on the CPU, to be pickled for a worker."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, Mapping):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu(v) for v in value)
+    return value
+
+
+class BackgroundPostprocessing:
+    """Run the post-processing chain of inference (instances, writing files) in worker processes.
+
+    MONAI's engines apply ``postprocessing`` to each item inside the iteration, so the network waits while the
+    instances are computed and the files written (measured: ``benchmarks/results/inference_throughput.md``).
+    With ``workers > 0`` each item is handed to a pool of forked worker processes instead, and the engine goes on
+    with the next batch; ``attach`` makes the engine wait for every item at the end of the run
+    (``Events.COMPLETED``), so all files exist when ``evaluator.run()`` returns. Processes rather than threads:
+    the instance steps (SciPy, scikit-image) hold the GIL. MONAI has no asynchronous post-processing (its
+    ``ThreadDataLoader`` and ``DataLoader`` workers overlap the *loading* only), hence this class.
+
+    What the chain returns is dropped in the worker, so the engine's ``state.output`` keeps the network's output;
+    use ``workers=0`` where handlers read the post-processed items (metrics) or where the chain keeps state across
+    items (the slice-wise volume writer). With ``workers=0`` this is the chain itself, called inline.
+
+    The outputs are those of the inline chain, byte for byte: the same code runs on the same tensors (moved to the
+    CPU first: a forked process cannot use the parent's CUDA context). An error in a worker is raised in the
+    parent as a :class:`PostprocessingError` naming the item, at the next item handed over or at the end of the
+    run; the items not started yet are then cancelled.
+
+    Args:
+        transform: the post-processing chain applied to each decollated item (e.g. a ``Compose``).
+        workers: worker processes; 0 runs ``transform`` inline and returns its result.
+        max_pending: items handed over but not finished before the engine waits for the oldest (bounds memory;
+            default ``2 * workers``).
+        ref_key: key whose metadata names the item's input file, for error messages.
+        start_method: ``multiprocessing`` start method; ``None`` forks where the platform can, else threads (the
+            chain is not pickled, so ``spawn`` is not offered).
+
+    Example::
+
+        post = BackgroundPostprocessing(Compose([...]), workers=1)
+        evaluator = SupervisedEvaluator(..., postprocessing=post)
+        post.attach(evaluator)
+    """
+
+    def __init__(
+        self,
+        transform: Callable[[Any], Any],
+        workers: int = 1,
+        max_pending: int | None = None,
+        ref_key: str = "image",
+        start_method: str | None = None,
+    ) -> None:
+        if int(workers) < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.transform = transform
+        self.workers = int(workers)
+        self.max_pending = max(1, int(max_pending) if max_pending is not None else 2 * self.workers)
+        self.ref_key = ref_key
+        if start_method is None:
+            start_method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "thread"
+        if start_method not in ("fork", "thread"):
+            raise ValueError(f"start_method must be 'fork' or 'thread', got {start_method!r}")
+        self.start_method = start_method
+        self._executor: Executor | None = None
+        self._pending: deque[Future] = deque()
+        self._count = 0
+
+    def _pool(self) -> Executor:
+        if self._executor is None:
+            if self.start_method == "fork":
+                self._executor = ProcessPoolExecutor(
+                    self.workers, mp_context=multiprocessing.get_context("fork"),
+                    initializer=_init_worker, initargs=(self.transform, os.getpid()),
+                )
+            else:
+                self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="s2l-post")
+        return self._executor
+
+    def _name(self, data: Mapping[Hashable, Any]) -> str:
+        try:
+            return source_name(data, self.ref_key)
+        except KeyError:
+            return f"item {self._count}"
+
+    def __call__(self, data: Any) -> Any:
+        """Hand ``data`` to a worker and return it unchanged (``workers=0``: return ``transform(data)``)."""
+        if self.workers == 0:
+            return self.transform(data)
+        self._raise_finished()
+        while len(self._pending) >= self.max_pending:
+            self._result(self._pending.popleft())
+        name = self._name(data) if isinstance(data, Mapping) else f"item {self._count}"
+        self._count += 1
+        pool = self._pool()
+        if self.start_method == "thread":
+            self._pending.append(pool.submit(_apply, self.transform, name, data))
+        else:
+            # pickled here (plain pickle, tensors as bytes) rather than by the pool: the pool's queue would move
+            # tensors through shared memory, which small /dev/shm mounts (containers) run out of
+            payload = pickle.dumps(_cpu(data), protocol=pickle.HIGHEST_PROTOCOL)
+            self._pending.append(pool.submit(_run_in_worker, name, payload))
+        return data
+
+    def _result(self, future: Future) -> None:
+        try:
+            future.result()
+        except BaseException:
+            self.shutdown(cancel=True)
+            raise
+
+    def _raise_finished(self) -> None:
+        """Raise the error of the oldest finished item that failed (finished items are dropped)."""
+        while self._pending and self._pending[0].done():
+            self._result(self._pending.popleft())
+        for future in list(self._pending):
+            if future.done() and future.exception() is not None:
+                self._pending.remove(future)
+                self._result(future)
+
+    def wait(self, *_: Any) -> None:
+        """Wait for every item handed over, then stop the workers; raise the first error (by hand-over order)."""
+        try:
+            while self._pending:
+                self._result(self._pending.popleft())
+        finally:
+            self.shutdown()
+
+    def shutdown(self, cancel: bool = False) -> None:
+        """Stop the workers (``cancel``: drop the items not started yet); a later item starts a new pool."""
+        if cancel:
+            for future in self._pending:
+                future.cancel()
+            self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=cancel)
+            self._executor = None
+
+    def attach(self, engine: Any) -> None:
+        """Make ``engine`` (an Ignite engine) wait for every item when its run completes (no-op with 0 workers)."""
+        if self.workers == 0:
+            return
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self.wait)
