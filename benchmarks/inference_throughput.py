@@ -174,10 +174,11 @@ def measure(repo: Path, overrides: dict[str, str], result_path: Path, log: Path,
             "others_share": max(0.0, (busy - ours) / (result.seconds * cores))}
 
 
-def parse_variant(text: str) -> tuple[str, list[str]]:
-    """``"name=--key value ..."`` -> ``(name, [--key, value, ...])``."""
-    name, _, rest = text.partition("=")
-    return name.strip(), shlex.split(rest)
+def parse_variant(text: str, repo: Path) -> tuple[str, Path, list[str]]:
+    """``"name[@checkout]=--key value ..."`` -> ``(name, checkout, [--key, value, ...])`` (checkout: ``repo``)."""
+    head, _, rest = text.partition("=")
+    name, _, where = head.partition("@")
+    return name.strip(), Path(where).resolve() if where else repo, shlex.split(rest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="COUNTxHEIGHTxWIDTH synthetic sets (default: %(default)s)")
     p.add_argument("--methods", nargs="+", default=["watershed", "connected"], choices=["watershed", "connected"])
     p.add_argument("--variant", action="append", default=None,
-                   help="NAME=OVERRIDES, bundle overrides to compare (repeatable; default: 'default=' the config)")
+                   help="NAME[@CHECKOUT]=OVERRIDES: bundle overrides (and another checkout, e.g. the code before a "
+                        "change) to compare, interleaved (repeatable; default: 'default=', the config as is)")
     p.add_argument("--repo", type=Path, default=REPO,
                    help="checkout whose configs and s2l_monai are run (e.g. another branch, for before/after)")
     p.add_argument("--repeats", type=int, default=1)
@@ -202,22 +204,22 @@ def main(argv: list[str] | None = None) -> int:
     begin = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     ckpt = args.ckpt.resolve() if args.ckpt else trained_model(args.work, args.train_steps)
-    variants = [parse_variant(v) for v in (args.variant or ["default="])]
+    variants = [parse_variant(v, args.repo.resolve()) for v in (args.variant or ["default="])]
     records: list[dict[str, Any]] = []
     for count, height, width in args.sets:
         folder = make_images(args.work / f"images_{count}x{height}x{width}", count, (height, width))
         for repeat in range(args.repeats):
             for method in args.methods:
-                for name, extra in variants:
+                for name, checkout, extra in variants:
                     out = args.work / "out" / f"{name}_{method}_{count}x{height}x{width}"
                     overrides = {"ckpt_path": str(ckpt), "input_dir": str(folder), "output_dir": str(out),
                                  "instance_method": method}
                     overrides.update({k.lstrip("-"): v for k, v in zip(extra[::2], extra[1::2])})
                     print(f"[throughput] {count}x{height}x{width} {method} {name} (repeat {repeat + 1})", flush=True)
-                    rec = measure(args.repo, overrides, args.work / "result.json", args.work / "runs.log",
-                                  network=(method == args.methods[0]))
+                    rec = measure(checkout, overrides, args.work / "result.json", args.work / "runs.log",
+                                  network=repeat == 0 and method == args.methods[0])
                     rec.update(set=f"{count}x{height}x{width}", method=method, variant=name, repeat=repeat,
-                               overrides=" ".join(extra))
+                               overrides=" ".join(extra), checkout=str(checkout), commit=git_commit(checkout))
                     print(f"[throughput]   {rec['images'] / rec['loop_s']:.1f} images/s, "
                           f"{rec['pixels'] / rec['loop_s'] / 1e6:.2f} Mpx/s, others took "
                           f"{100 * rec['others_share']:.0f}% of the CPUs", flush=True)
@@ -226,14 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for set_name in dict.fromkeys(r["set"] for r in records):
         for method in args.methods:
-            for name, extra in variants:
+            for name, checkout, extra in variants:
                 runs = [r for r in records if (r["set"], r["method"], r["variant"]) == (set_name, method, name)]
                 loop = statistics.median(r["loop_s"] for r in runs)
                 images, pixels = runs[0]["images"], runs[0]["pixels"]
                 nets = [r["network_s"] for r in records
                         if (r["set"], r["variant"]) == (set_name, name) and "network_s" in r]
                 net = f"{pixels / statistics.median(nets) / 1e6:.2f}" if nets else "–"
-                rows.append([set_name, method, name, f"`{' '.join(extra)}`" if extra else "(config as is)",
+                where = "" if checkout == args.repo.resolve() else f" ({checkout})"
+                rows.append([set_name, method, name + where, f"`{' '.join(extra)}`" if extra else "(config as is)",
                              str(len(runs)), f"{loop:.1f}", f"{images / loop:.1f}", f"{pixels / loop / 1e6:.2f}",
                              net, f"{statistics.median(r['wall_s'] for r in runs):.1f}",
                              f"{max(r['peak_mb'] for r in runs):.0f}",
