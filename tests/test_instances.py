@@ -134,3 +134,82 @@ def test_instancesd_in_compose_keeps_meta() -> None:
         Instancesd(keys="pred", method="nope")
     with pytest.raises(ValueError, match="output keys"):
         Instancesd(keys=["a", "b"], output_key="c")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# h_maxima_transform: per-object reconstruction equals scikit-image's whole-image one, bit for bit
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _blobs(shape: tuple[int, ...], density: float, seed: int) -> np.ndarray:
+    """Random blobs: smoothed noise above a quantile (objects touch the border, have holes, vary in size)."""
+    from scipy import ndimage as ndi
+
+    noise = ndi.gaussian_filter(np.random.default_rng(seed).normal(size=shape), 3.0)
+    return noise > np.quantile(noise, 1.0 - density)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("density", [0.03, 0.15, 0.4])
+@pytest.mark.parametrize(("h", "sigma"), [(2.0, 1.0), (0.5, 0.0), (6.0, 1.0)])
+def test_h_maxima_transform_equals_skimage_reconstruction(seed: int, density: float, h: float, sigma: float) -> None:
+    from scipy import ndimage as ndi
+    from skimage.measure import label
+    from skimage.morphology import reconstruction
+
+    from s2l_monai.instances import h_maxima_transform
+
+    for shape in ((97, 131), (14, 40, 37)):
+        fg = _blobs(shape, density, seed)
+        dist = ndi.distance_transform_edt(fg)
+        if sigma:
+            dist = ndi.gaussian_filter(dist, sigma)
+            dist[~fg] = 0.0
+        expected = reconstruction(dist - h, dist, method="dilation")
+        components = label(fg, connectivity=fg.ndim)
+        for share in (1.0, 0.5, 0.0):  # always split, the default, never split
+            got = h_maxima_transform(dist, h, fg, components, max_share=share)
+            assert got.dtype == expected.dtype
+            assert np.array_equal(got, expected), (shape, share, np.abs(got - expected).max())
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kwargs", [{}, {"fill_holes": False}, {"h": 5.0}, {"connectivity": 1}, {"sigma": 0.0}])
+def test_watershed_instances_unchanged_by_per_object_reconstruction(monkeypatch, seed: int, kwargs: dict) -> None:
+    from skimage.morphology import reconstruction
+
+    import s2l_monai.instances as inst
+
+    masks = [_blobs((120, 150), 0.12, seed), _blobs((120, 150), 0.45, seed), _blobs((9, 40, 50), 0.1, seed)]
+    fast = [inst.watershed_instances(m, **kwargs) for m in masks]
+    from scipy import ndimage as ndi
+
+    # the algorithm as it was: SciPy's hole filling and distance transform, scikit-image's reconstruction
+    monkeypatch.setattr(inst, "h_maxima_transform",
+                        lambda dist, h, fg, components=None: reconstruction(dist - h, dist, method="dilation"))
+    monkeypatch.setattr(inst, "distance_transform", lambda fg, objects=None: ndi.distance_transform_edt(fg))
+    monkeypatch.setattr(inst, "fill_holes_by_labels", ndi.binary_fill_holes)
+    for m, got in zip(masks, fast):
+        expected = inst.watershed_instances(m, **kwargs)
+        assert got.dtype == expected.dtype and np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.6, 0.9])
+def test_fill_holes_and_distance_transform_equal_scipy(seed: int, density: float) -> None:
+    from scipy import ndimage as ndi
+    from skimage.measure import label
+
+    from s2l_monai.instances import distance_transform, fill_holes_by_labels
+
+    for shape in ((83, 121), (11, 30, 27)):
+        fg = _blobs(shape, density, seed)
+        assert np.array_equal(fill_holes_by_labels(fg), ndi.binary_fill_holes(fg))
+        objects = label(fg, connectivity=fg.ndim)
+        expected = ndi.distance_transform_edt(fg)
+        for share in (1.0, 0.5):
+            got = distance_transform(fg, objects, max_share=share)
+            assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    for fg in (np.zeros((5, 6), bool), np.ones((5, 6), bool)):
+        assert np.array_equal(fill_holes_by_labels(fg), ndi.binary_fill_holes(fg))
+        assert np.array_equal(distance_transform(fg, label(fg)), ndi.distance_transform_edt(fg))
