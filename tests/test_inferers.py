@@ -123,3 +123,21 @@ def test_inference_config_averages_flips_by_default():
     assert isinstance(parser.get_parsed_content("inferer"), FlipAveragingInferer)
     parser["test_time_flips"] = False
     assert not isinstance(parser.get_parsed_content("inferer", lazy=False), FlipAveragingInferer)
+
+
+def test_inference_config_flags_from_the_command_line_and_whole_image_option():
+    from monai.bundle import ConfigParser
+    from monai.inferers import SlidingWindowInferer
+
+    from s2l_monai.inferers import FlipAveragingInferer, WholeImageInferer
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "configs" / "inference.json"))
+    assert isinstance(parser.get_parsed_content("inferer").inferer, SlidingWindowInferer)  # the default: windows
+    parser["test_time_flips"] = "false"  # what `--test_time_flips false` hands the config
+    assert isinstance(parser.get_parsed_content("inferer", lazy=False), SlidingWindowInferer)
+    parser["test_time_flips"] = True
+    parser["infer_whole_image"] = "true"
+    inferer = parser.get_parsed_content("inferer", lazy=False)
+    assert isinstance(inferer, FlipAveragingInferer) and isinstance(inferer.inferer, WholeImageInferer)
+    assert isinstance(inferer.inferer.fallback, SlidingWindowInferer)
