@@ -23,6 +23,7 @@ Writes ``results/inference_throughput.md`` (and ``.json``).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import resource
@@ -174,6 +175,14 @@ def measure(repo: Path, overrides: dict[str, str], result_path: Path, log: Path,
             "others_share": max(0.0, (busy - ours) / (result.seconds * cores))}
 
 
+def _value(text: str) -> Any:
+    """A command-line override's value as ``monai.bundle run`` (fire) reads it: a Python literal, else a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def parse_variant(text: str, repo: Path) -> tuple[str, Path, list[str]]:
     """``"name[@checkout]=--key value ..."`` -> ``(name, checkout, [--key, value, ...])`` (checkout: ``repo``)."""
     head, _, rest = text.partition("=")
@@ -193,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repo", type=Path, default=REPO,
                    help="checkout whose configs and s2l_monai are run (e.g. another branch, for before/after)")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--network-for", nargs="*", default=None, metavar="VARIANT",
+                   help="variants whose network alone is timed (default: all; it is the same for variants that differ "
+                        "only after the network)")
     p.add_argument("--ckpt", type=Path, default=None)
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--work", type=Path, default=Path("/tmp/s2l_inference_throughput"))
@@ -214,10 +226,11 @@ def main(argv: list[str] | None = None) -> int:
                     out = args.work / "out" / f"{name}_{method}_{count}x{height}x{width}"
                     overrides = {"ckpt_path": str(ckpt), "input_dir": str(folder), "output_dir": str(out),
                                  "instance_method": method}
-                    overrides.update({k.lstrip("-"): v for k, v in zip(extra[::2], extra[1::2])})
+                    overrides.update({k.lstrip("-"): _value(v) for k, v in zip(extra[::2], extra[1::2])})
                     print(f"[throughput] {count}x{height}x{width} {method} {name} (repeat {repeat + 1})", flush=True)
                     rec = measure(checkout, overrides, args.work / "result.json", args.work / "runs.log",
-                                  network=repeat == 0 and method == args.methods[0])
+                                  network=repeat == 0 and method == args.methods[0]
+                                  and (args.network_for is None or name in args.network_for))
                     rec.update(set=f"{count}x{height}x{width}", method=method, variant=name, repeat=repeat,
                                overrides=" ".join(extra), checkout=str(checkout), commit=git_commit(checkout))
                     print(f"[throughput]   {rec['images'] / rec['loop_s']:.1f} images/s, "
