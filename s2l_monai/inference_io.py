@@ -332,7 +332,12 @@ class BackgroundPostprocessing:
     """Run the post-processing chain of inference (instances, writing files) in worker processes.
 
     MONAI's engines apply ``postprocessing`` to each item inside the iteration, so the network waits while the
-    instances are computed and the files written (measured: ``benchmarks/results/inference_throughput.md``).
+    instances are computed and the files written. That wait only costs where the network leaves cores idle (a GPU,
+    many cores): on 2 CPU cores the network's own threads keep both busy, and a worker was within the noise of the
+    contention with the default flips and, without them, as fast or up to 30% slower on small images
+    (``benchmarks/results/inference_throughput*.md``), so ``configs/inference.json`` keeps
+    ``postprocessing_workers`` at 0.
+
     With ``workers > 0`` each item is handed to a pool of forked worker processes instead, and the engine goes on
     with the next batch; ``attach`` makes the engine wait for every item at the end of the run
     (``Events.COMPLETED``), so all files exist when ``evaluator.run()`` returns. Processes rather than threads:
