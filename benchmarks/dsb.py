@@ -70,13 +70,18 @@ PAPER_SHORT_PROFILE: dict[str, Any] = {
 #: Retired defaults whose records stay in dsb.json until the default's own are measured (the report shows a
 #: default record where a cell has one, else these, marked with their profile). ``default-nocrf``: the default before
 #: its CRF term (until 2026-12-02, batch 16), its Scribble2Label records; ``default-b16``: the default with batch 16
-#: (until 2026-12-03), the baselines' records (they turn the CRF off themselves).
+#: (until 2026-12-03), the baselines' records (they turn the CRF off themselves); ``default-pcw``: the default with
+#: L_up weighted by the estimated class weights (``pseudo_class_weights "auto"``, until 2026-12-03), the records of
+#: the methods that have an L_up (Scribble2Label, Pseudo-label); pCE, rLoss and Full have none, so their default
+#: records stand as they are.
 NOCRF_PROFILE: dict[str, Any] = {"crf_weight": 0.0, "batch_size": 16}
 B16_PROFILE: dict[str, Any] = {"batch_size": 16}
+PCW_PROFILE: dict[str, Any] = {"pseudo_class_weights": "auto"}
 PROFILES: dict[str, dict[str, Any]] = {
     "default": DEFAULT_PROFILE,
     "default-nocrf": NOCRF_PROFILE,
     "default-b16": B16_PROFILE,
+    "default-pcw": PCW_PROFILE,
     "paper": PAPER_PROFILE,
     "paper-short": PAPER_SHORT_PROFILE,
     "paper-short-balanced": {**PAPER_SHORT_PROFILE, "class_weights": [3.0, 1.0], "pseudo_class_weights": [3.0, 1.0],
@@ -90,6 +95,9 @@ PROFILE_NOTES: dict[str, str] = {
                      " 217a045, batch 16); Scribble2Label rows measured with it, to be replaced by the default's",
     "default-b16": "the default recipe with batch 16 instead of 12 (the default until 2026-12-03); baseline rows"
                    " measured with it, to be replaced by the default's",
+    "default-pcw": "the default recipe with the pseudo-label loss L_up weighted by the estimated class weights"
+                   " (`pseudo_class_weights auto`, the default until 2026-12-03); Scribble2Label and Pseudo-label rows"
+                   " measured with it, to be replaced by the default's",
     "paper": "configs/train.json + configs/paper.json, the authors' recipe (GPU)",
     "paper-short": "configs/paper.json (the authors' network, crops, batch, optimiser and tau/alpha/gamma) on 100"
                    " epochs with 30 of warm-up instead of 300/100 (`PAPER_SHORT_PROFILE` in dsb.py), for a GPU",
@@ -99,11 +107,12 @@ PROFILE_NOTES: dict[str, str] = {
 #: Profiles whose records compare across machines (the same recipe whatever the device; the schedule is in steps):
 #: a record measured on a lent GPU machine keeps its quality figures, not its times (``em.py`` shares
 #: :func:`_gpu_note`).
-SAME_RECIPE_PROFILES: tuple[str, ...] = ("default", "default-nocrf", "default-b16")
+SAME_RECIPE_PROFILES: tuple[str, ...] = ("default", "default-nocrf", "default-b16", "default-pcw")
 PROFILE_CONFIGS: dict[str, list[str]] = {
     "default": ["configs/train.json"],
     "default-nocrf": ["configs/train.json"],
     "default-b16": ["configs/train.json"],
+    "default-pcw": ["configs/train.json"],
     "paper": ["configs/train.json", "configs/paper.json"],
     "paper-short": ["configs/train.json", "configs/paper.json"],
     "paper-short-balanced": ["configs/train.json", "configs/paper.json"],

@@ -221,7 +221,7 @@ def _cmd_balance(args: argparse.Namespace) -> int:
         return 0
     print(f"foreground share of the images ({source}): {f:.3f}")
     weights = suggested_class_weights(s, f)
-    print(f"suggested: --class_weights \"{weights}\" --pseudo_class_weights \"{weights}\"")
+    print(f"suggested: --class_weights \"{weights}\"")
     return 0
 
 

@@ -241,7 +241,7 @@ def watershed_instances(
     min_size: int = 64,
     min_distance: int = 5,
     markers: str = "h_maxima",
-    h: float = 2.0,
+    h: float = 1.0,
     sigma: float = 1.0,
     fill_holes: bool = True,
     threshold: float = 0.5,
@@ -272,7 +272,9 @@ def watershed_instances(
         min_size: objects with fewer pixels than this are removed before splitting (64 in the paper).
         min_distance: minimum peak separation in pixels, used by ``markers="peaks"`` only.
         markers: ``"h_maxima"`` or ``"peaks"``.
-        h: minimum dynamic (pixels of distance) of an h-maximum, used by ``markers="h_maxima"`` only.
+        h: minimum dynamic (pixels of distance) of an h-maximum, used by ``markers="h_maxima"`` only. The default
+            1 px was chosen on the DSB-Fluo validation split (two Scribble2Label models, DSB score with ``sigma``
+            1: h 0.5 0.583, 1 0.582, 2 0.575; with ``sigma`` 0, h 0.5 over-splits: 0.549).
         sigma: Gaussian smoothing of the distance transform in pixels (0 disables).
         fill_holes: fill holes before the distance transform.
         threshold: probability threshold for floating-point input.

@@ -189,10 +189,11 @@ def test_default_profile_adds_only_the_method_overrides(tmp_path: Path) -> None:
     assert dsb.default_results("paper-short", False, tmp_path).name == "dsb_paper-short.json"
     assert dsb.default_results("default", True, tmp_path) == tmp_path / "results_smoke" / "dsb.json"
     assert dsb.build_parser().parse_args([]).profile == "default"
-    assert set(dsb.PROFILES) == {"default", "default-nocrf", "default-b16", "paper", "paper-short",
+    assert set(dsb.PROFILES) == {"default", "default-nocrf", "default-b16", "default-pcw", "paper", "paper-short",
                                  "paper-short-balanced"}
     assert dsb.PROFILES["default-nocrf"] == {"crf_weight": 0.0, "batch_size": 16}
     assert dsb.PROFILES["default-b16"] == {"batch_size": 16}
+    assert dsb.PROFILES["default-pcw"] == {"pseudo_class_weights": "auto"}
 
 
 def test_gpu_profiles_keep_their_recipe(tmp_path: Path) -> None:

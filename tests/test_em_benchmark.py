@@ -49,7 +49,7 @@ def test_default_profile_adds_only_the_volume_keys_and_the_method_overrides(tmp_
     """No epoch, patch or learning-rate override: the default recipe of configs/train.json configures itself."""
     assert em.PROFILES["default"] == {}
     # the retired CPU profiles are gone
-    assert set(em.PROFILES) == {"default", "default-nocrf", "default-b16", "gpu-short"}
+    assert set(em.PROFILES) == {"default", "default-nocrf", "default-b16", "default-pcw", "gpu-short"}
     for method in ("s2l", "pce", "full"):
         run = em.EMRun(method, 1)
         cmd = em.train_command(run, tmp_path / "data", tmp_path / "run")
@@ -78,9 +78,9 @@ def test_none_override_reaches_the_config() -> None:
 
     parser = ConfigParser()
     parser.read_config(str(REPO_ROOT / "configs" / "train.json"))
-    parser.update(update_kwargs({}, class_weights=em.cli_value(None), pseudo_class_weights=None))
+    parser.update(update_kwargs({}, class_weights=em.cli_value(None), crf_weight=None))
     assert parser.get_parsed_content("class_weights") is None
-    assert parser.get_parsed_content("pseudo_class_weights") == "auto"  # what a plain None override leaves
+    assert parser.get_parsed_content("crf_weight") == 1.0  # what a plain None override leaves: the default
 
 
 def test_overrides_are_keys_of_train_json() -> None:

@@ -10,7 +10,8 @@ Importance weighting corrects such a prior shift: weighting each scribbled pixel
 two classes, scaled so the foreground weight is 1, the background weight is the odds ratio
 ``(s / (1 - s)) / (f / (1 - f))`` with ``s`` the foreground share of the scribbled pixels and ``f`` that of the
 image. ``f`` comes from full masks where a datalist has them, or from the user's estimate ("nuclei cover about 15%
-of the image"). The result goes into ``class_weights`` (and ``pseudo_class_weights``) of ``configs/train.json``.
+of the image"). The result goes into ``class_weights`` of ``configs/train.json`` (the scribble loss; the
+pseudo-label loss is left unweighted by default).
 
 No MONAI or scikit-image function counts scribble classes over a datalist, hence this small module.
 """
