@@ -12,15 +12,22 @@ What is shared out, and how:
 * training batches: :class:`s2l_monai.data.seeding.EpochSeededSampler` (PyTorch's ``DistributedSampler``);
 * the EMA ensemble and inference: :class:`ShardSampler`, every item on exactly one rank and all the slices of a
   volume on the same rank (``DistributedSampler`` pads the list with repeated items, which would fold an item into
-  its average twice, and splits a volume's slices, whose store entry is one file).
+  its average twice, and splits a volume's slices, whose store entry is one file);
+* inference of a volume whose outputs several processes can write into (OME-Zarr: one file per chunk): with a
+  ``split_key`` the sampler cuts its slices into contiguous blocks aligned to the output's chunk rows
+  (:func:`chunk_blocks`, :func:`volume_shares`), block ``r`` on rank ``r``, and
+  :class:`s2l_monai.volumes.SaveVolumeSliced` writes every rank's chunks into one store. TIFF, NIfTI and ITK
+  outputs are one file that one process encodes: their volumes stay whole on one rank.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,9 +36,11 @@ from torch.utils.data import Sampler
 
 __all__ = [
     "ShardSampler",
+    "VolumeShare",
     "all_gather_objects",
     "all_reduce",
     "barrier",
+    "chunk_blocks",
     "destroy_process_group",
     "init_process_group",
     "is_distributed",
@@ -41,6 +50,7 @@ __all__ = [
     "require_single_process",
     "rank",
     "shard_indices",
+    "volume_shares",
     "world_size",
     "wrap_ddp",
 ]
@@ -58,6 +68,9 @@ def rank() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", 0))
+
+
+_current_rank = rank  # for the samplers, whose ``rank`` argument hides the function
 
 
 def world_size() -> int:
@@ -195,12 +208,116 @@ def _group_key(item: Any, group_key: str, slice_key: str) -> Any:
     return None
 
 
+def chunk_blocks(num_slices: int, extent: int, num_replicas: int) -> list[tuple[int, int]]:
+    """Cut slices ``0..num_slices-1`` into one contiguous block per rank, aligned to rows of ``extent`` slices.
+
+    The rows of chunks along the slice axis (``ceil(num_slices / extent)``, the last one possibly shorter) are
+    shared out in order as evenly as they go, the first ranks taking one more where they do not divide evenly
+    (``numpy.array_split``'s rule); a rank left without a row gets an empty block ``(n, n)``. Every slice is in
+    exactly one block and no chunk is in two, so each rank can write whole chunks of one store.
+
+    Args:
+        num_slices: slices of the volume along the slice axis.
+        extent: the output's chunk extent along that axis.
+        num_replicas: processes.
+
+    Returns:
+        ``[(start, stop), ...]``, one half-open block per rank, in rank order.
+
+    Example::
+
+        chunk_blocks(10, 3, 2) == [(0, 6), (6, 10)]  # rows 0-2, 3-5 | 6-8, 9
+    """
+    n, extent, replicas = int(num_slices), int(extent), int(num_replicas)
+    if extent < 1 or replicas < 1 or n < 0:
+        raise ValueError(f"need extent >= 1, num_replicas >= 1, num_slices >= 0; got {extent}, {replicas}, {n}")
+    rows = math.ceil(n / extent)
+    base, extra = divmod(rows, replicas)
+    blocks, row = [], 0
+    for r in range(replicas):
+        stop_row = row + base + (1 if r < extra else 0)
+        blocks.append((min(row * extent, n), min(stop_row * extent, n)))
+        row = stop_row
+    return blocks
+
+
+@dataclass(frozen=True)
+class VolumeShare:
+    """A volume whose slices several ranks handle: block ``r`` of :attr:`blocks` on rank ``r``.
+
+    Attributes:
+        key: the volume's group key (its ``id``).
+        image: the volume's ``image`` path, as the items give it.
+        num_slices: slices along the slice axis.
+        extent: the output's chunk extent along the slice axis (blocks are aligned to it).
+        blocks: half-open slice ranges, one per rank (:func:`chunk_blocks`).
+        counts: how many of the volume's slice items each rank handles.
+    """
+
+    key: Any
+    image: str
+    num_slices: int
+    extent: int
+    blocks: tuple[tuple[int, int], ...]
+    counts: tuple[int, ...]
+
+    def owner(self, index: int) -> int:
+        """The rank whose block holds slice ``index``."""
+        for r, (start, stop) in enumerate(self.blocks):
+            if start <= index < stop:
+                return r
+        raise IndexError(f"slice {index} outside 0..{self.num_slices - 1} of {self.image}")
+
+
+def volume_shares(
+    items: Sequence[Any],
+    num_replicas: int | None = None,
+    group_key: str = "id",
+    slice_key: str = "slice",
+    split_key: str | None = None,
+) -> dict[Any, VolumeShare]:
+    """The volumes of ``items`` whose slices are split across ranks, by group key (empty in a single process).
+
+    A volume is split when its slice items carry ``split_key``: the extent of its output's chunks along the slice
+    axis, which :func:`s2l_monai.volumes.slice_items` sets (``block_key``) only for formats several processes can
+    write into (OME-Zarr). Its slices are cut by :func:`chunk_blocks`; a volume of one chunk row is not split (it
+    is dealt out whole, like any other unit, which keeps many small volumes spread over the ranks).
+
+    Args:
+        items: the data list.
+        num_replicas: processes (default: :func:`world_size`).
+        group_key: key naming the volume of a slice item.
+        slice_key: key of a slice item's index.
+        split_key: key of the chunk extent; None splits nothing.
+    """
+    n = world_size() if num_replicas is None else int(num_replicas)
+    if n <= 1 or not split_key:
+        return {}
+    found: dict[Any, tuple[Mapping, list[int]]] = {}
+    for item in items:
+        key = _group_key(item, group_key, slice_key)
+        if key is None or not item.get(split_key):
+            continue
+        found.setdefault(key, (item, []))[1].append(int(item[slice_key]))
+    shares: dict[Any, VolumeShare] = {}
+    for key, (first, slices) in found.items():
+        extent = int(first[split_key])
+        num_slices = int(first.get("num_slices") or max(slices) + 1)
+        if math.ceil(num_slices / extent) < 2:
+            continue
+        blocks = tuple(chunk_blocks(num_slices, extent, n))
+        counts = tuple(sum(start <= k < stop for k in slices) for start, stop in blocks)
+        shares[key] = VolumeShare(key, str(first.get("image")), num_slices, extent, blocks, counts)
+    return shares
+
+
 def shard_indices(
     items: Sequence[Any],
     num_replicas: int | None = None,
     rank_: int | None = None,
     group_key: str = "id",
     slice_key: str = "slice",
+    split_key: str | None = None,
 ) -> list[int]:
     """The indices of ``items`` that one rank handles: every item on exactly one rank, a volume's slices together.
 
@@ -209,22 +326,34 @@ def shard_indices(
     output files are written by one process. No item is repeated (unlike ``DistributedSampler``), so shares may
     differ by one unit.
 
+    With ``split_key`` (inference), a volume whose items carry it is split instead: rank ``r`` takes the slices of
+    block ``r`` of :func:`volume_shares` (contiguous, aligned to the output's chunk rows), so all ranks write their
+    own chunks of the same OME-Zarr outputs. Volumes without the key (TIFF, NIfTI, ITK outputs: one file that one
+    process encodes) stay whole.
+
     Args:
         items: the data list.
         num_replicas: processes (default: :func:`world_size`).
         rank_: this process's rank (default: :func:`rank`).
         group_key: key naming the volume of a slice item.
         slice_key: key of a slice item's index.
+        split_key: key of a slice item's chunk extent (see :func:`volume_shares`); None keeps every volume whole.
     """
     n = world_size() if num_replicas is None else int(num_replicas)
     r = rank() if rank_ is None else int(rank_)
     if n <= 1:
         return list(range(len(items)))
+    shares = volume_shares(items, n, group_key, slice_key, split_key)
     volumes: dict[Any, int] = {}  # volume -> its unit
     units = 0
     mine: list[int] = []
     for index, item in enumerate(items):
         key = _group_key(item, group_key, slice_key)
+        if key is not None and key in shares:
+            start, stop = shares[key].blocks[r]
+            if start <= int(item[slice_key]) < stop:
+                mine.append(index)
+            continue
         if key is None or key not in volumes:
             unit, units = units, units + 1
             if key is not None:
@@ -245,6 +374,15 @@ class ShardSampler(Sampler[int]):
         rank: this process's rank (default: from the process group, or 0).
         group_key: key naming the volume of a slice item.
         slice_key: key of a slice item's index.
+        split_key: key of a slice item's output chunk extent: volumes whose items carry it are split across the
+            ranks in chunk-aligned blocks (inference into OME-Zarr, :func:`volume_shares`); None keeps them whole.
+
+    Attributes:
+        indices: this rank's indices into the data list.
+        num_replicas: processes the list is shared among.
+        rank: this process's rank.
+        shares: the split volumes (:class:`VolumeShare`) by ``image`` path, which
+            :class:`s2l_monai.volumes.SaveVolumeSliced` reads to know whose slices it writes.
     """
 
     def __init__(
@@ -254,9 +392,14 @@ class ShardSampler(Sampler[int]):
         rank: int | None = None,
         group_key: str = "id",
         slice_key: str = "slice",
+        split_key: str | None = None,
     ) -> None:
         items = getattr(data, "data", data)
-        self.indices = shard_indices(items, num_replicas, rank, group_key, slice_key)
+        self.num_replicas = world_size() if num_replicas is None else int(num_replicas)
+        self.rank = _current_rank() if rank is None else int(rank)
+        self.indices = shard_indices(items, self.num_replicas, self.rank, group_key, slice_key, split_key)
+        shares = volume_shares(items, self.num_replicas, group_key, slice_key, split_key)
+        self.shares: dict[str, VolumeShare] = {share.image: share for share in shares.values()}
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)

@@ -7,7 +7,8 @@ the process sends itself ``SIGKILL`` the second time it passes ``checkpoint_writ
 costs one dictionary lookup.
 
 Points: ``step`` (after an optimiser step), ``ensemble_item`` (after an item's EMA update, mid-ensemble),
-``checkpoint_write`` (checkpoint written to its temporary file, not yet renamed). Under ``torchrun``,
+``checkpoint_write`` (checkpoint written to its temporary file, not yet renamed), ``volume_slice`` (a slice written
+into the output volumes, :class:`s2l_monai.volumes.SaveVolumeSliced`). Under ``torchrun``,
 ``S2L_FAULT_RANK=r`` limits the fault to rank ``r`` (the others go on until they wait for it).
 """
 

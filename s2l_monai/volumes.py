@@ -12,12 +12,16 @@ Scribble2Label works on 2D images; a volume is used as a stack of 2D slices take
   metadata, NIfTI affine and header, ITK spacing / origin / direction. The final file appears by ``os.replace``.
   OME-Zarr outputs are written straight into the Zarr array (no scratch copy of the volume): the slices of one row
   of chunks along the slice axis are gathered in memory and written as whole chunks, in the input's chunking and
-  with its ``scale`` / unit, into a temporary folder renamed into place at the end.
+  with its ``scale`` / unit, into a temporary folder renamed into place at the end. Several processes can write
+  one OME-Zarr output (each its own chunks): under ``torchrun`` the slices of such a volume are split across the
+  ranks in chunk-aligned blocks (:func:`s2l_monai.distributed.volume_shares`); TIFF, NIfTI and ITK outputs are one
+  file encoded by one process, so those volumes stay whole on one rank.
 * :func:`slice_items`: expands the volume items of a datalist into per-slice items (``id`` = the volume's id,
   ``slice`` = the index, ``num_slices``) so the whole 2D pipeline of ``configs/train.json`` is reused unchanged.
 * :class:`LoadVolumeSliced`: the MONAI transform that reads those slices (``1HW``), in place of ``LoadImaged``.
 * :class:`SaveVolumeSliced`: the inference post-processing that writes the slices of a prediction into output
-  volumes (semantic, instances, probability) and finishes each volume when its last slice arrives.
+  volumes (semantic, instances, probability) and finishes each volume when its last slice arrives;
+  :class:`SharedVolumesHandler` does the collective steps of the volumes whose slices several ranks write.
 * :func:`volume_instances_3d` and :class:`VolumeMetricsHandler`: 3D connected components and 3D instance metrics.
 
 Why not ``RandSpatialCropSamplesd(roi [P, P, 1]) + SqueezeDimd`` on whole volumes (MONAI's recipe for slice-wise
@@ -51,6 +55,8 @@ from monai.transforms import MapTransform
 from monai.utils import min_version, optional_import
 from scipy import ndimage as ndi
 
+from s2l_monai import distributed
+from s2l_monai.faults import fault_point
 from s2l_monai.inference_io import image_stem
 from s2l_monai.ome_zarr import create_ome_zarr, is_zarr_path, open_ome_zarr
 
@@ -65,6 +71,7 @@ __all__ = [
     "VOLUME_EXTENSIONS",
     "LoadVolumeSliced",
     "SaveVolumeSliced",
+    "SharedVolumesHandler",
     "Volume",
     "VolumeGeometry",
     "VolumeMetricsHandler",
@@ -72,6 +79,7 @@ __all__ = [
     "is_volume_path",
     "open_volume",
     "read_volume",
+    "shared_write_extent",
     "slice_items",
     "volume_extension",
     "volume_format",
@@ -447,11 +455,20 @@ class VolumeWriter:
     so memory stays at one chunk row per output; :meth:`close` writes what is left and renames the folder to
     ``path``. Call :meth:`flush` before reading :attr:`array` back.
 
+    Several processes can fill one OME-Zarr output, each writing its own chunks (one file per chunk): one process
+    creates the temporary folder (``create=True``), the others open it (``create=False``) after a barrier, all with
+    the same ``token`` (which names the folder); each writes the slices of its chunk rows, the others
+    :meth:`detach`, and after a second barrier the creator alone calls :meth:`close` (see
+    :class:`SharedVolumesHandler`). The other formats are one file encoded by one process: they refuse
+    ``create=False``.
+
     Args:
         path: output file; its ending picks the format (see :func:`volume_format`).
         shape: ``(Z, Y, X)``.
         dtype: numpy dtype of the output.
         geometry: the geometry to write (usually the input's :attr:`Volume.geometry`); ``None``: unit spacing.
+        token: names the temporary file or folder (default: this process's id).
+        create: create the temporary OME-Zarr folder; False opens the one another process created with ``token``.
     """
 
     def __init__(
@@ -460,6 +477,8 @@ class VolumeWriter:
         shape: Sequence[int],
         dtype: Any,
         geometry: VolumeGeometry | None = None,
+        token: int | str | None = None,
+        create: bool = True,
     ) -> None:
         self.path = Path(path)
         self.format = volume_format(self.path)
@@ -468,19 +487,30 @@ class VolumeWriter:
         self.geometry = geometry or VolumeGeometry(shape=self.shape)  # type: ignore[arg-type]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._rows: dict[tuple[int, int], tuple[np.ndarray, set[int]]] = {}  # OME-Zarr: (axis, start) -> row, done
+        token = os.getpid() if token is None else token
+        if not create and self.format != "zarr":
+            raise ValueError(f"{self.path.name}: only OME-Zarr outputs can be written by several processes")
         if self.format == "zarr":
             import shutil
 
-            self._scratch = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp.zarr")
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            g = self.geometry
-            self.array = create_ome_zarr(
-                self._scratch, self.shape, self.dtype, chunks=g.extra.get("chunks"), spacing=g.spacing,
-                unit=g.unit, translation=g.extra.get("translation"), name=g.extra.get("name"),
-            )
+            self._scratch = self.path.with_name(f".{self.path.name}.{token}.tmp.zarr")
+            if create:
+                shutil.rmtree(self._scratch, ignore_errors=True)
+                g = self.geometry
+                self.array = create_ome_zarr(
+                    self._scratch, self.shape, self.dtype, chunks=g.extra.get("chunks"), spacing=g.spacing,
+                    unit=g.unit, translation=g.extra.get("translation"), name=g.extra.get("name"),
+                )
+            else:
+                import zarr
+
+                self.array = zarr.open_array(str(self._scratch / "0"), mode="r+")
+                if tuple(self.array.shape) != self.shape or np.dtype(self.array.dtype) != self.dtype:
+                    raise ValueError(f"{self._scratch}: {self.array.shape} {self.array.dtype}, expected "
+                                     f"{self.shape} {self.dtype}")
             self.chunks: tuple[int, ...] = tuple(int(c) for c in self.array.chunks)
             return
-        self._scratch = self.path.with_name(f".{self.path.name}.{os.getpid()}.scratch.npy")
+        self._scratch = self.path.with_name(f".{self.path.name}.{token}.scratch.npy")
         self.array = np.lib.format.open_memmap(self._scratch, mode="w+", dtype=self.dtype, shape=self.shape)
 
     def write_slice(self, axis: int, index: int, data: np.ndarray) -> None:
@@ -564,6 +594,14 @@ class VolumeWriter:
             shutil.rmtree(self._scratch, ignore_errors=True)
         return self.path
 
+    def detach(self) -> None:
+        """OME-Zarr written by several processes: write the gathered rows and let go of the temporary folder,
+        which stays for the process that created it to :meth:`close`."""
+        self.flush()
+        if hasattr(self, "array"):
+            del self.array
+        self._rows.clear()
+
     def abort(self) -> None:
         """Drop the scratch file (OME-Zarr: the temporary folder) without writing."""
         if hasattr(self, "array"):
@@ -635,6 +673,22 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: VolumeGeo
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def shared_write_extent(path: str | os.PathLike, axis: int) -> int | None:
+    """How many slices along ``axis`` one chunk row of the outputs of volume ``path`` holds, where several processes
+    can write those outputs; None where one process must write them.
+
+    :class:`SaveVolumeSliced` writes the outputs in the input's format. OME-Zarr is one file per chunk, so ranks
+    can fill disjoint rows of chunks of one store (the extent is the input's chunk extent along ``axis``, clipped
+    to the volume as :func:`s2l_monai.ome_zarr.create_ome_zarr` clips it); TIFF, NIfTI and ITK files are encoded
+    whole by one process, so their volumes stay on one rank (None).
+    """
+    if volume_format(path) != "zarr":
+        return None
+    vol = open_volume(path)
+    chunks = vol.geometry.extra.get("chunks") or (16, 256, 256)
+    return max(1, min(int(chunks[int(axis)]), vol.shape[int(axis)]))
+
+
 def _scribbled_slices(path: str, axis: int, unlabelled: int) -> list[int]:
     vol = open_volume(path)
     return [k for k in range(vol.shape[axis]) if bool(np.any(vol.slice(axis, k) != unlabelled))]
@@ -647,6 +701,7 @@ def slice_items(
     scribbled_only: bool = True,
     image_key: str = "image",
     scribble_key: str = "scribble",
+    block_key: str | None = None,
 ) -> list[dict[str, Any]]:
     """Expand volume items into one item per 2D slice (identity when ``slice_axis`` is None, i.e. 2D).
 
@@ -664,6 +719,10 @@ def slice_items(
         scribbled_only: keep only slices with scribbles (needs ``scribble_key`` in every item).
         image_key: key of the image path.
         scribble_key: key of the scribble path.
+        block_key: inference under ``torchrun``: the slice items of a volume whose outputs several processes can
+            write (OME-Zarr, :func:`shared_write_extent`) carry that chunk extent under this key, and a
+            :class:`~s2l_monai.distributed.ShardSampler` with ``split_key=block_key`` splits the volume across the
+            ranks. None (training, evaluation) adds nothing.
 
     Returns:
         The slice items, grouped by volume, slices in increasing order.
@@ -689,7 +748,12 @@ def slice_items(
                 raise ValueError(f"{item[scribble_key]}: no slice along axis {axis} carries a scribble")
         else:
             indices = list(range(n))
-        out += [{**item, "slice": k, "num_slices": n} for k in indices]
+        extra: dict[str, Any] = {}
+        if block_key:
+            extent = shared_write_extent(item[image_key], axis)
+            if extent is not None:
+                extra[block_key] = extent
+        out += [{**item, "slice": k, "num_slices": n, **extra} for k in indices]
     return out
 
 
@@ -805,11 +869,40 @@ def _as_numpy(value: Any) -> np.ndarray:
 
 
 class _VolumeOutputs:
-    def __init__(self, source: str, outputs: dict[str, VolumeWriter]) -> None:
+    def __init__(
+        self, source: str, outputs: dict[str, VolumeWriter], share: distributed.VolumeShare | None = None
+    ) -> None:
         self.source = source
         self.writers = outputs
         self.written: set[int] = set()
         self.next_id = 1
+        self.share = share
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``; ``"none"`` when empty."""
+    runs: list[list[int]] = []
+    for k in sorted(indices):
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"
+
+
+def _offset_labels(writer: VolumeWriter, axis: int, start: int, stop: int, offset: int) -> None:
+    """Add ``offset`` to the labels (``> 0``) of slices ``start..stop-1`` of an OME-Zarr output, a chunk row at a time.
+
+    ``start`` is aligned to the chunk rows, so every row is rewritten as whole chunks (slice by slice where a row is
+    over :data:`ZARR_WRITE_BUFFER_BYTES`, as :meth:`VolumeWriter.write_slice` does).
+    """
+    extent = writer.chunks[axis]
+    plane = math.prod(s for a, s in enumerate(writer.shape) if a != axis)
+    step = extent if extent * plane * writer.dtype.itemsize <= ZARR_WRITE_BUFFER_BYTES else 1
+    for first in range(start, stop, step):
+        sl = (slice(None),) * axis + (slice(first, min(first + step, stop)),)
+        rows = np.asarray(writer.array[sl])
+        writer.array[sl] = np.where(rows > 0, rows + offset, 0).astype(writer.dtype)
 
 
 class SaveVolumeSliced(MapTransform):
@@ -828,6 +921,18 @@ class SaveVolumeSliced(MapTransform):
     (:func:`volume_instances_3d`, cleaned with ``min_size``), which needs the whole semantic volume in memory
     (5 bytes per voxel): ``"slice"`` is the flat-memory mode for OME-Zarr volumes larger than memory.
 
+    Under ``torchrun``, with ``shards`` (the data loader's :class:`~s2l_monai.distributed.ShardSampler`), the
+    volumes the sampler splits (OME-Zarr outputs, :func:`~s2l_monai.distributed.volume_shares`) are written by all
+    ranks together, every output (semantic, instances, probability) alike: rank 0 creates each output's temporary
+    folder at the start of the run (:meth:`start_shared`), every rank writes the chunk rows of its block of slices,
+    and at the end (:meth:`finish_shared`) the ranks exchange their instance counts, each adds the ids of the
+    blocks before its own to its instances (so ids equal the single-process run's), all wait at a barrier, and
+    rank 0 labels 3D instances (``"3d"``) and renames the folders into place. Every output is then the one a
+    single process writes, byte for byte. A rank that fails or is killed before that barrier leaves the final
+    paths untouched (a previous output stays); only a hidden temporary folder remains. :class:`SharedVolumesHandler`
+    calls the two steps; volumes the sampler keeps whole (TIFF, NIfTI, ITK: one file that one process encodes) are
+    written by their rank alone as above.
+
     Args:
         keys: ``(semantic_key, instances_key, prob_key)`` of the post-processed item (``1HW`` each).
         output_dir: output folder.
@@ -838,6 +943,7 @@ class SaveVolumeSliced(MapTransform):
         semantic_scale: factor on the class ids (255 for a viewable mask).
         slice_key: key of the slice index in the item.
         ref_key: key of the image whose metadata names the input volume.
+        shards: the sampler that shares the slices out (its ``shares`` and ``rank``); None: one process.
     """
 
     def __init__(
@@ -851,6 +957,7 @@ class SaveVolumeSliced(MapTransform):
         semantic_scale: float = 1,
         slice_key: str = "slice",
         ref_key: str = "image",
+        shards: Any = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys=True)
         if instance_mode not in INSTANCE_MODES:
@@ -866,14 +973,36 @@ class SaveVolumeSliced(MapTransform):
         self.semantic_scale = semantic_scale
         self.slice_key = slice_key
         self.ref_key = ref_key
+        self.shards = shards
         self.open: dict[str, _VolumeOutputs] = {}
+        self.shared: dict[str, _VolumeOutputs] = {}  # this rank's outputs of the volumes split across ranks
+        self._token: Any = None  # names the shared temporary folders, set by start_shared
         self.finished: list[dict[str, Path]] = []
+
+    @property
+    def shares(self) -> dict[str, distributed.VolumeShare]:
+        """The volumes split across the ranks, by input path (empty without ``shards`` or in one process)."""
+        return getattr(self.shards, "shares", None) or {}
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the sampler's sharing."""
+        return int(getattr(self.shards, "rank", 0) or 0)
 
     def output_paths(self, source: str | os.PathLike) -> dict[str, Path]:
         """Output files of an input volume: ``{"semantic", "instances", "prob"}`` -> path."""
         ext = volume_extension(source)
         stem = image_stem(source)
         return {kind: self.output_dir / f"{stem}_{kind}{ext}" for kind in ("semantic", "instances", "prob")}
+
+    def _writers(self, source: str, token: Any = None, create: bool = True) -> dict[str, VolumeWriter]:
+        vol = open_volume(source)
+        paths = self.output_paths(source)
+        kinds = [("semantic", np.uint8), ("instances", np.uint32)]
+        if self.save_probabilities:
+            kinds.append(("prob", np.float32))
+        return {kind: VolumeWriter(paths[kind], vol.shape, dtype, vol.geometry, token=token, create=create)
+                for kind, dtype in kinds}
 
     def _source(self, d: Mapping[Hashable, Any]) -> tuple[str, int, int]:
         ref = d[self.ref_key]
@@ -885,20 +1014,28 @@ class SaveVolumeSliced(MapTransform):
             raise KeyError("SaveVolumeSliced needs slice items loaded by LoadVolumeSliced (filename, slice, count)")
         return str(source), int(index), int(n)
 
+    def _shared_entry(self, source: str, share: distributed.VolumeShare) -> _VolumeOutputs:
+        entry = self.shared.get(source)
+        if entry is None:
+            if self._token is None:
+                raise RuntimeError(
+                    f"{Path(source).name} is split across {len(share.blocks)} ranks but its outputs were not created: "
+                    "attach s2l_monai.volumes.SharedVolumesHandler(saver) to the engine (configs/inference.json)"
+                )
+            writers = self._writers(source, token=self._token, create=False)  # rank 0 created them
+            entry = self.shared[source] = _VolumeOutputs(source, writers, share)
+        return entry
+
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         source, index, _ = self._source(d)
-        entry = self.open.get(source)
-        if entry is None:
-            vol = open_volume(source)
-            paths = self.output_paths(source)
-            writers = {
-                "semantic": VolumeWriter(paths["semantic"], vol.shape, np.uint8, vol.geometry),
-                "instances": VolumeWriter(paths["instances"], vol.shape, np.uint32, vol.geometry),
-            }
-            if self.save_probabilities:
-                writers["prob"] = VolumeWriter(paths["prob"], vol.shape, np.float32, vol.geometry)
-            entry = self.open[source] = _VolumeOutputs(source, writers)
+        share = self.shares.get(source)
+        if share is not None:
+            entry = self._shared_entry(source, share)
+        else:
+            entry = self.open.get(source)
+            if entry is None:
+                entry = self.open[source] = _VolumeOutputs(source, self._writers(source))
         semantic = _as_numpy(d[self.semantic_key]).reshape(-1, *_as_numpy(d[self.semantic_key]).shape[-2:])[0]
         entry.writers["semantic"].write_slice(self.axis, index, np.rint(semantic * self.semantic_scale))
         if self.instance_mode == "slice":
@@ -913,12 +1050,19 @@ class SaveVolumeSliced(MapTransform):
             prob = _as_numpy(d[self.prob_key])
             entry.writers["prob"].write_slice(self.axis, index, prob.reshape(-1, *prob.shape[-2:])[0])
         entry.written.add(index)
-        if len(entry.written) == open_volume(source).shape[self.axis]:
+        fault_point("volume_slice")
+        if share is not None:
+            if len(entry.written) == share.counts[self.rank]:  # this rank's block is done: nothing kept in memory
+                for writer in entry.writers.values():
+                    writer.flush()
+        elif len(entry.written) == open_volume(source).shape[self.axis]:
             self._finish(source)
         return d
 
     def _finish(self, source: str) -> None:
-        entry = self.open.pop(source)
+        self._close(self.open.pop(source))
+
+    def _close(self, entry: _VolumeOutputs, note: str = "") -> None:
         if self.instance_mode == "3d":
             # needs the whole semantic volume in memory for OME-Zarr too (1 byte + 4 bytes of labels per voxel);
             # instance_mode "slice" is the flat-memory mode for volumes larger than memory.
@@ -928,7 +1072,97 @@ class SaveVolumeSliced(MapTransform):
             del semantic
         paths = {kind: writer.close() for kind, writer in entry.writers.items()}
         self.finished.append(paths)
-        logger.info(f"Wrote {', '.join(p.name for p in paths.values())} for {Path(source).name}.")
+        logger.info(f"Wrote {', '.join(p.name for p in paths.values())} for {Path(entry.source).name}{note}.")
+
+    # -- volumes split across ranks ------------------------------------------------------------------------------------
+    def start_shared(self) -> None:
+        """Collective, at the start of the run: rank 0 creates the outputs of every split volume; all ranks wait.
+
+        Nothing (and no collective) where no volume is split.
+        """
+        shares = self.shares
+        if not shares:
+            return
+        if distributed.world_size() != len(next(iter(shares.values())).blocks) or not distributed.is_distributed():
+            raise RuntimeError(f"volumes are split for {len(next(iter(shares.values())).blocks)} ranks but the "
+                               f"process group has {distributed.world_size()}")
+        self._token = distributed.all_gather_objects(os.getpid())[0]  # rank 0's process id names the folders
+        if self.rank == 0:
+            for source, share in shares.items():
+                self.shared[source] = _VolumeOutputs(source, self._writers(source, token=self._token), share)
+        distributed.barrier()  # the stores exist before any rank writes a chunk
+
+    def finish_shared(self) -> None:
+        """Collective, at the end of the run: number the instances across blocks, then rank 0 publishes.
+
+        Every rank writes what it gathered; the ranks exchange the slices they wrote and their instance counts;
+        each adds the counts of the blocks before its own to its instance ids (``instance_mode="slice"``), so ids
+        are those of the single-process run; all wait at a barrier; rank 0 labels 3D instances (``"3d"``) and
+        renames each output's temporary folder into place (a volume not every slice of which was written is
+        dropped with an error in the log); all wait again.
+        """
+        shares = self.shares
+        if not shares:
+            return
+        mine: dict[str, tuple[list[int], int]] = {}
+        for source, entry in self.shared.items():
+            for writer in entry.writers.values():
+                writer.flush()
+            mine[source] = (sorted(entry.written), entry.next_id - 1)
+        gathered = distributed.all_gather_objects(mine)
+        complete: dict[str, str] = {}
+        for source, share in shares.items():
+            per_rank = [g.get(source, ([], 0)) for g in gathered]
+            if sorted(k for slices, _ in per_rank for k in slices) == list(range(share.num_slices)):
+                complete[source] = ", ".join(f"{_ranges(slices)} on rank {r}" for r, (slices, _) in enumerate(per_rank))
+            offset = sum(n for _, n in per_rank[: self.rank])
+            entry = self.shared.get(source)
+            if self.instance_mode == "slice" and offset and entry is not None and entry.written:
+                start, stop = share.blocks[self.rank]
+                _offset_labels(entry.writers["instances"], self.axis, start, stop, offset)
+        if self.rank != 0:
+            for entry in self.shared.values():
+                for writer in entry.writers.values():
+                    writer.detach()
+            self.shared.clear()
+        distributed.barrier()  # every chunk of every rank is written
+        if self.rank == 0:
+            for source in shares:
+                entry = self.shared.pop(source)
+                if source in complete:
+                    self._close(entry, note=f" (slices {complete[source]})")
+                else:
+                    logger.error(f"{Path(source).name}: not every slice was written by the ranks; no output")
+                    for writer in entry.writers.values():
+                        writer.abort()
+        self._token = None
+        distributed.barrier()  # the outputs are in place when any rank's run returns
+
+
+class SharedVolumesHandler:
+    """Ignite handler: the collective steps of the volumes whose slices several ranks write.
+
+    At ``STARTED`` it calls :meth:`SaveVolumeSliced.start_shared` (rank 0 creates the OME-Zarr outputs), at
+    ``COMPLETED`` :meth:`SaveVolumeSliced.finish_shared` (instance ids numbered across the ranks, outputs renamed
+    into place by rank 0). Every rank must attach it; in one process, or when no volume is split, it does nothing.
+
+    Args:
+        saver: the post-processing's :class:`SaveVolumeSliced`.
+    """
+
+    def __init__(self, saver: SaveVolumeSliced) -> None:
+        self.saver = saver
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``STARTED`` and ``COMPLETED``."""
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def started(self, engine: Engine | None = None) -> None:
+        self.saver.start_shared()
+
+    def completed(self, engine: Engine | None = None) -> None:
+        self.saver.finish_shared()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from s2l_testing import default_network
 
 from s2l_monai.data.datalist import item_id
 from s2l_monai.data.synthetic import make_synthetic_dataset
-from s2l_monai.distributed import ShardSampler, shard_indices
+from s2l_monai.distributed import ShardSampler, chunk_blocks, shard_indices
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -62,6 +62,43 @@ def test_shard_indices_every_item_once_volumes_whole():
     assert [shard_indices(mixed, 3, r) for r in range(3)] == [[0, 5], [1, 2, 3], [4]]
     sampler = ShardSampler(mixed, num_replicas=2, rank=1)
     assert list(sampler) == [1, 2, 3, 5] and len(sampler) == 4
+
+
+def test_chunk_blocks_contiguous_chunk_aligned_every_slice_once():
+    # hand-computed: rows of `extent` slices shared out in order, the first ranks taking the extra rows
+    assert chunk_blocks(10, 3, 2) == [(0, 6), (6, 10)]  # rows 0-2 3-5 | 6-8 9 (the last row is short)
+    assert chunk_blocks(10, 4, 3) == [(0, 4), (4, 8), (8, 10)]
+    assert chunk_blocks(16, 2, 3) == [(0, 6), (6, 12), (12, 16)]  # 8 rows: 3, 3, 2
+    assert chunk_blocks(5, 4, 3) == [(0, 4), (4, 5), (5, 5)]  # more ranks than rows: an empty block
+    assert chunk_blocks(7, 1, 2) == [(0, 4), (4, 7)]
+    assert chunk_blocks(6, 8, 2) == [(0, 6), (6, 6)]
+    for n, extent, ranks in [(1, 1, 1), (17, 4, 2), (33, 5, 4), (9, 9, 3), (100, 7, 8)]:
+        blocks = chunk_blocks(n, extent, ranks)
+        assert len(blocks) == ranks
+        assert [k for start, stop in blocks for k in range(start, stop)] == list(range(n))  # each slice once, in order
+        assert all(start % extent == 0 for start, stop in blocks if stop > start)  # whole chunk rows per rank
+    with pytest.raises(ValueError):
+        chunk_blocks(4, 0, 2)
+
+
+def test_shard_indices_splits_marked_volumes_in_chunk_blocks():
+    vol_a = [{"id": "a", "image": "a.ome.zarr", "slice": k, "num_slices": 10, "slice_block": 3} for k in range(10)]
+    vol_b = [{"id": "b", "image": "b.tif", "slice": k, "num_slices": 2} for k in range(2)]  # no key: one writer
+    vol_c = [{"id": "c", "image": "c.ome.zarr", "slice": k, "num_slices": 2, "slice_block": 4} for k in range(2)]
+    items = [{"image": "x.png"}, *vol_a, *vol_b, *vol_c, {"image": "y.png"}]
+    # a (4 chunk rows) is split: slices 0-5 (items 1-6) on rank 0, 6-9 (items 7-10) on rank 1; the others are
+    # dealt out whole as before, c too (a single chunk row): x, c on rank 0, b, y on rank 1
+    shares = [shard_indices(items, 2, r, split_key="slice_block") for r in range(2)]
+    assert shares == [[0, 1, 2, 3, 4, 5, 6, 13, 14], [7, 8, 9, 10, 11, 12, 15]]
+    assert sorted(shares[0] + shares[1]) == list(range(len(items)))
+    # without split_key (training, the EMA store) every volume stays whole
+    assert [shard_indices(items, 2, r) for r in range(2)] == [[0, 11, 12, 15], [*range(1, 11), 13, 14]]
+    assert shard_indices(items, 1, 0, split_key="slice_block") == list(range(len(items)))
+    sampler = ShardSampler(items, num_replicas=2, rank=1, split_key="slice_block")
+    assert list(sampler) == shares[1] and sampler.rank == 1 and sampler.num_replicas == 2
+    share = sampler.shares["a.ome.zarr"]
+    assert list(sampler.shares) == ["a.ome.zarr"] and share.blocks == ((0, 6), (6, 10)) and share.counts == (6, 4)
+    assert share.owner(5) == 0 and share.owner(6) == 1
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -208,3 +245,58 @@ def test_benchmark_reads_rank_zero_log():
     assert found["train_seconds"] == pytest.approx(3.5) and found["ensemble_seconds"] == pytest.approx(0.35)
     with pytest.raises(ValueError):
         parse_log("nothing")
+
+
+# ------------------------------------------------------------------------------------------------ one volume, 2 ranks
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (chunks, ``.zarray``, ``.zattrs``, ``.zgroup``) by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("instance_mode", ["slice", "3d"])
+def test_one_ome_zarr_volume_split_across_ranks_equals_single_process(ensemble_data, tmp_path, instance_mode):
+    """10 slices in chunk rows of 3: rank 0 writes slices 0-5, rank 1 slices 6-9 into the same stores; semantic,
+    instances (per-slice ids numbered across the blocks, or 3D components labelled by rank 0 at the end) and
+    probabilities equal the single-process outputs file for file. A killed rank leaves the previous outputs."""
+    from s2l_monai.data.synthetic import synthetic_nuclei
+    from s2l_monai.volumes import VolumeGeometry, read_volume, write_volume
+
+    shape, chunks = (10, 64, 64), (3, 32, 32)
+    image = np.stack([synthetic_nuclei(shape[1:], seed=k, n_nuclei=(4, 7))[0] for k in range(shape[0])])
+    geometry = VolumeGeometry(shape=shape, spacing=(0.05, 0.004, 0.004), unit="micrometer", extra={"chunks": chunks})
+    write_volume(tmp_path / "in" / "vol.ome.zarr", image, geometry)
+    args = ["--input_dir", str(tmp_path / "in"), "--slice_axis", "0", "--ckpt_path", str(ensemble_data / "weights.pt"),
+            "--infer_roi_size", "[64,64]", "--save_probabilities", "true", "--instance_method", "connected",
+            "--min_size", "4", "--instance_mode", instance_mode]
+    _bundle("inference", "configs/inference.json", *args, "--output_dir", str(tmp_path / "one"), processes=1)
+    proc = _bundle("inference", INFER, *args, "--output_dir", str(tmp_path / "two"))
+    log = proc.stdout + proc.stderr
+    # each rank wrote its block of chunk rows (rank 0 logs what every rank wrote)
+    assert ("Wrote vol_semantic.ome.zarr, vol_instances.ome.zarr, vol_prob.ome.zarr for vol.ome.zarr "
+            "(slices 0-5 on rank 0, 6-9 on rank 1)") in log, log[-3000:]
+    one, two = _tree(tmp_path / "one"), _tree(tmp_path / "two")
+    for kind in ("semantic", "instances", "prob"):
+        assert {f"vol_{kind}.ome.zarr/{name}" for name in (".zattrs", ".zgroup", "0/.zarray")} <= set(one)
+    assert sorted(one) == sorted(two)  # the same chunk files, metadata files, and nothing left over
+    assert one == two  # byte for byte
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        f"vol_{kind}.ome.zarr" for kind in ("semantic", "instances", "prob"))
+    instances = read_volume(tmp_path / "two" / "vol_instances.ome.zarr")[0]
+    if instance_mode == "3d":
+        assert instances.max() > 0
+        return
+    # the ids of rank 1's block follow those of rank 0's (numbered across the ranks, as in one process)
+    first, second = instances[:6], instances[6:]
+    assert first.max() > 0 and second.max() > 0
+    assert second[second > 0].min() > first.max()
+
+    # rank 1 killed after its second slice: the outputs of the run before stay as they were (a marker in each
+    # would be gone had a new folder been renamed into place), nothing half-written under the final names
+    for kind in ("semantic", "instances", "prob"):
+        (tmp_path / "two" / f"vol_{kind}.ome.zarr" / "previous").write_text(kind)
+    before = _tree(tmp_path / "two")
+    proc = _bundle("inference", INFER, *args, "--output_dir", str(tmp_path / "two"), ok=False,
+                   S2L_FAULT_AT="volume_slice:2", S2L_FAULT_RANK="1")
+    assert proc.returncode != 0
+    assert {k: v for k, v in _tree(tmp_path / "two").items() if not k.startswith(".")} == before
