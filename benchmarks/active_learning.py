@@ -29,14 +29,24 @@ far and the added pieces). The boxes are
 * ``uncertain``: the suggested regions of ``s2l suggest``'s ranking of the round's training (the last ensemble's
   ``uncertainty.json`` of the already-scribbled images: :func:`s2l_monai.suggestions.suggest`, the very code a user
   runs): the ``--region_images`` most uncertain images and their ``--max_regions`` largest uncertain regions;
-* ``random``: the same number of boxes with the same sizes (those the strategy suggests for this arm's model, image
-  by image), placed uniformly at random on as many randomly chosen (distinct) already-scribbled images (seeded):
-  the same box area to draw in (less where a box is cut to a smaller image). The suggested regions hold more
-  strokes (DSB-Fluo, seed 0, round 0: the 86 suggested boxes add 8,941 pixels, the random ones 3,036), so at a
-  given round the uncertain arm has more scribbled pixels; the plot against scribbled pixels shows both.
+* ``random``: pixel-matched to ``uncertain`` (:func:`matched_random_boxes`). Boxes are drawn one at a time, their
+  sizes cycled from those the strategy suggests for this arm's model (image by image; the uncertain arm's boxes
+  where it suggests none), each suggested image's boxes placed uniformly at random on one randomly chosen
+  already-scribbled image (distinct images until all have been drawn; seeded), and the pieces each box touches
+  are added, until the pixels added reach the uncertain arm's at the same seed and round: the first box that
+  reaches or passes that target is the last. If every piece of the scribbled images is used up first, drawing
+  stops and the record says ``exhausted``. Equal box numbers would not be equal effort: the suggested regions hold
+  more strokes (DSB-Fluo, seed 0, round 0: 86 suggested boxes add 8,941 pixels, 86 random boxes of the same sizes
+  3,036), so matching pixels is what makes "beats random at every round" a comparison at equal annotation effort
+  (scribbled pixels). The random arm's round ``r`` therefore needs the uncertain arm's round ``r`` (its record, or
+  its ``selection.json`` on resume): the uncertain arm of a seed runs first, whatever the order of
+  ``--strategies``, and ``--strategies random`` alone fails with a clear message without it. The records of the
+  random arm hold ``target_pixels`` (the uncertain arm's added pixels), ``added_pixels`` (achieved), ``n_boxes``
+  and ``stop`` (``target``, ``exhausted``; ``box_limit`` after 100,000 boxes).
 
 The merged scribble files are written into the round's run folder (``regions_<strategy>_s<seed>_r<round>/data/
-scribbles``), never into the dataset folder; the round's ``selection.json`` beside them lists the boxes. Round 0 is
+scribbles``), never into the dataset folder; the round's ``selection.json`` beside them lists the boxes and the
+pixels they add (and, for ``random``, the target, the number of boxes and why drawing stopped). Round 0 is
 the same training as the ``images`` variant's (folder ``s<seed>_r0``, scores copied from its record when there is
 one). Scribbled pixels are counted the same way in both variants: the non-unlabelled pixels of the training items'
 scribble files.
@@ -204,37 +214,125 @@ def suggested_boxes(train_dir: Path, items: list[dict], k: int, max_regions: int
     return chosen
 
 
-def random_boxes(suggested: list[dict[str, Any]], shapes: dict[str, tuple[int, int]],
-                 rng: np.random.Generator) -> list[dict[str, Any]]:
-    """As many boxes of the same sizes as ``suggested``, image by image, placed uniformly at random on as many
-    distinct images drawn at random from ``shapes`` (image -> ``HW``; a box larger than its image is cut to it)."""
-    images = sorted(shapes)
-    if not suggested or not images:
-        return []
-    picks = rng.choice(len(images), size=min(len(suggested), len(images)), replace=False)
-    out = []
-    for s, index in zip(suggested, picks):
-        image = images[int(index)]
-        height, width = shapes[image]
-        boxes = []
-        for y0, x0, y1, x1 in s["boxes"]:
-            h, w = min(y1 - y0, height), min(x1 - x0, width)
-            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
-            boxes.append([top, left, top + h, left + w])
-        out.append({"image": image, "boxes": boxes})
-    return out
+def _place(height: int, width: int, size: tuple[int, int], rng: np.random.Generator) -> list[int]:
+    """A box of ``size`` (cut to the image) placed uniformly at random on a ``height x width`` image."""
+    h, w = max(1, min(size[0], height)), max(1, min(size[1], width))
+    top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+    return [top, left, top + h, left + w]
+
+
+def matched_random_boxes(suggested: list[dict[str, Any]], scribbles: dict[str, np.ndarray],
+                         dense: dict[str, np.ndarray], values: dict[str, Any], target: int,
+                         rng: np.random.Generator, max_boxes: int = 100_000) -> dict[str, Any]:
+    """Random boxes drawn one by one until the dense pieces they add reach ``target`` pixels (the random arm of the
+    ``regions`` variant, pixel-matched to the uncertain arm).
+
+    The box sizes cycle through those of ``suggested`` (``[{"boxes"}]``, in order); each suggested image's boxes go
+    on one image drawn at random from ``scribbles`` (image -> current scribble; distinct images until every one has
+    been drawn, then a new round of them), each box placed uniformly at random on it (cut to it when larger). A box
+    adds, whole, every piece of ``dense`` (image -> denser scribble; 8-connected, per class, as :func:`add_pieces`)
+    it intersects that no earlier box added, less the pixels already scribbled. The first box whose addition reaches
+    or passes ``target`` is the last. Drawing also stops when the pieces of every image are used up (``exhausted``)
+    or after ``max_boxes`` boxes.
+
+    Returns:
+        ``{"selection": [{"image", "boxes"}] (one entry per image, in the order first drawn), "target",
+        "added" (pixels), "n_boxes", "stop": "target" | "exhausted" | "box_limit" | "no_boxes" (no size to
+        draw)}``.
+    """
+    from scipy import ndimage
+
+    unlabelled = int(values.get("unlabelled", 255))
+    images = sorted(scribbles)
+    sizes = [[(y1 - y0, x1 - x0) for y0, x0, y1, x1 in s["boxes"]] for s in suggested if s.get("boxes")]
+    # every piece's gain (its pixels not scribbled yet), per image and class; a used piece's gain drops to 0
+    pieces: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    remaining = 0
+    for image in images:
+        scribble, full = np.asarray(scribbles[image]), np.asarray(dense[image])
+        if scribble.shape != full.shape:
+            raise ValueError(f"{image}: scribble {scribble.shape} and dense scribble {full.shape} differ in shape")
+        pieces[image] = []
+        for name in ("background", "foreground"):
+            value = int(values.get(name, 0 if name == "background" else 1))
+            labels, n = ndimage.label(full == value, structure=np.ones((3, 3), bool))
+            gains = np.bincount(labels[scribble == unlabelled], minlength=n + 1).astype(np.int64)
+            gains[0] = 0
+            pieces[image].append((labels, gains))
+            remaining += int(gains.sum())
+    boxes: dict[str, list[list[int]]] = {}
+    added, n_boxes, stop = 0, 0, "target"
+    order: list[int] = []
+    group = 0
+    while added < target:
+        if remaining == 0:
+            stop = "exhausted"
+            break
+        if n_boxes >= max_boxes or not sizes:
+            stop = "box_limit" if sizes else "no_boxes"
+            break
+        if not order:
+            order = [int(i) for i in rng.permutation(len(images))]
+        image = images[order.pop(0)]
+        height, width = np.asarray(scribbles[image]).shape[:2]
+        for size in sizes[group % len(sizes)]:
+            box = _place(height, width, size, rng)
+            boxes.setdefault(image, []).append(box)
+            n_boxes += 1
+            for labels, gains in pieces[image]:
+                hit = np.unique(labels[box[0]:box[2], box[1]:box[3]])
+                gain = int(gains[hit].sum())
+                gains[hit] = 0
+                added += gain
+                remaining -= gain
+            if added >= target or remaining == 0 or n_boxes >= max_boxes:
+                break
+        group += 1
+    return {"selection": [{"image": image, "boxes": b} for image, b in boxes.items()], "target": int(target),
+            "added": added, "n_boxes": n_boxes, "stop": stop}
+
+
+def uncertain_round(work: Path, seed: int, rnd: int, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the uncertain arm of the ``regions`` variant added at ``seed`` and round ``rnd`` (``rnd >= 1``): its
+    record's ``added_pixels`` and boxes, or else its ``selection.json`` in the work folder. The random arm's round
+    ``rnd`` is pixel-matched to it, so it cannot be drawn without it (``RuntimeError``)."""
+    record = next((r for r in records if _record_key(r) == ("regions", "uncertain", seed, rnd)), None)
+    if record is not None and record.get("added_pixels") is not None:
+        return {"added_pixels": int(record["added_pixels"]),
+                "boxes": [{"image": name, "boxes": b} for name, b in record.get("boxes") or []]}
+    path = work / "active_learning" / f"regions_uncertain_s{seed}_r{rnd}" / "data" / "selection.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        return {"added_pixels": int(saved["added_pixels"]), "boxes": saved.get("selection") or []}
+    raise RuntimeError(
+        f"regions variant: the random arm's round {rnd} at seed {seed} is pixel-matched to the uncertain arm's, "
+        f"which is not there (no regions/uncertain record of seed {seed} round {rnd} in the results, no {path}); "
+        "run the uncertain arm first (--strategies uncertain random, with the same --work and --results)")
 
 
 def choose_regions(strategy: str, train_dir: Path, items: list[dict], k: int, max_regions: int,
-                   rng: np.random.Generator, out: Path, model: Path, in_channels: int) -> list[dict[str, Any]]:
-    """The boxes of one round of the regions variant: ``[{"image", "boxes"}]`` (see the module notes)."""
+                   rng: np.random.Generator, out: Path, model: Path, in_channels: int,
+                   dense: dict[str, str] | None = None, values: dict[str, Any] | None = None,
+                   matched: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The boxes of one round of the regions variant: ``[{"image", "boxes"}]`` (see the module notes), and for
+    ``random`` the drawing's account (:func:`matched_random_boxes`: ``target``, ``added``, ``n_boxes``, ``stop``).
+
+    ``random`` needs ``dense`` (image -> dense scribble file), ``values`` and ``matched`` (:func:`uncertain_round`
+    of the same seed and round: the pixels to reach; its boxes' sizes are used when this arm's model suggests none).
+    """
     suggested = suggested_boxes(train_dir, items, k, max_regions, out, model, in_channels)
     if strategy == "uncertain":
-        return suggested
+        return suggested, {}
     from s2l_monai.data.checks import read_array
 
-    shapes = {i["image"]: tuple(read_array(i["scribble"]).shape[:2]) for i in items}
-    return random_boxes(suggested, shapes, rng)
+    if matched is None or dense is None or values is None:
+        raise ValueError("the random arm needs the dense scribbles, the scribble values and the uncertain arm's round")
+    if not any(s["boxes"] for s in suggested):
+        suggested = matched["boxes"]
+    scribbles = {i["image"]: read_array(i["scribble"]) for i in items}
+    drawn = matched_random_boxes(suggested, scribbles, {i: read_array(dense[i]) for i in scribbles}, values,
+                                 int(matched["added_pixels"]), rng)
+    return drawn.pop("selection"), drawn
 
 
 def merge_regions(selection: list[dict[str, Any]], items: list[dict], dense: dict[str, str], folder: Path,
@@ -424,6 +522,8 @@ def run_regions(args: argparse.Namespace, strategy: str, seed: int, first: list[
                 values: dict[str, Any], dense: dict[str, str], k: int, records: list[dict]) -> list[dict]:
     """The rounds of one strategy and seed of the ``regions`` variant (module notes); returns the records, updated.
 
+    The random arm's round ``r`` is pixel-matched to the uncertain arm's round ``r`` at the same seed
+    (:func:`uncertain_round`: its record, or its ``selection.json``), so that arm must have been run first.
     Resumable: a round with its record and model is not trained again; the boxes are drawn again from the saved
     uncertainty maps and the same random stream, so the merged scribbles come out the same."""
     unlabelled = int(values.get("unlabelled", 255))
@@ -432,10 +532,16 @@ def run_regions(args: argparse.Namespace, strategy: str, seed: int, first: list[
     previous: Path | None = None
     selection: list[dict[str, Any]] = []
     added = 0
+    drawn: dict[str, Any] = {}
     for rnd in range(args.rounds + 1):
         key = ("regions", strategy, seed, rnd)
         done = next((r for r in records if _record_key(r) == key), None)
         run = args.work / "active_learning" / (f"s{seed}_r0" if rnd == 0 else f"regions_{strategy}_s{seed}_r{rnd}")
+        if strategy == "random" and rnd > 0 and done is not None and "target_pixels" not in done:
+            raise RuntimeError(
+                f"{args.results} holds a regions/random record of seed {seed} round {rnd} made before the random arm "
+                f"was pixel-matched (no target_pixels); remove the regions/random records of seed {seed} and the "
+                f"folders {run.parent}/regions_random_s{seed}_r* and run again")
         model = run / "ckpt" / "model.pt"
         if done is None or not model.is_file():
             dataset = write_round_datalist(run / "data", values, items, test).parent
@@ -452,25 +558,31 @@ def run_regions(args: argparse.Namespace, strategy: str, seed: int, first: list[
             scores = ({k_: same.get(k_) for k_ in ("iou", "dsb", "mdice")} if same is not None
                       else evaluate(dataset, model, run / "eval", args.in_channels))
             pixels = sum(scribbled_pixels(i, unlabelled) for i in items)
+            matched = ({"target_pixels": drawn["target"], "stop": drawn["stop"]} if drawn else {})
             done = {"variant": "regions", "command": args.command, "strategy": strategy, "seed": seed, "round": rnd,
                     "n_images": len(items),
-                    "scribbled_pixels": pixels, "added_pixels": added,
+                    "scribbled_pixels": pixels, "added_pixels": added, **matched,
                     "n_boxes": sum(len(s["boxes"]) for s in selection), **scores, **info, "images": images,
                     "boxes": [[Path(s["image"]).name, s["boxes"]] for s in selection if s["boxes"]],
                     "dense_datalist": args.dense_datalist, "region_images": k, "max_regions": args.max_regions,
                     "date": now_iso()}
             records = [r for r in records if _record_key(r) != key] + [done]
             write_json_atomic(args.results, records)
-            print(f"[al] regions {strategy} seed {seed} round {rnd}: {pixels:,} scribbled px (+{added:,}), IoU "
-                  f"{scores['iou']:.4f}, DSB {scores['dsb']:.4f}", flush=True)
+            target = f" of {drawn['target']:,} ({drawn['stop']})" if drawn else ""
+            print(f"[al] regions {strategy} seed {seed} round {rnd}: {pixels:,} scribbled px (+{added:,}{target}), "
+                  f"IoU {scores['iou']:.4f}, DSB {scores['dsb']:.4f}", flush=True)
         previous = model
         if rnd == args.rounds:
             break
         following = args.work / "active_learning" / f"regions_{strategy}_s{seed}_r{rnd + 1}" / "data"
-        selection = choose_regions(strategy, run / "train", items, k, args.max_regions, rng,
-                                   following / "suggestions", model, args.in_channels)
+        matched_round = uncertain_round(args.work, seed, rnd + 1, records) if strategy == "random" else None
+        selection, drawn = choose_regions(strategy, run / "train", items, k, args.max_regions, rng,
+                                          following / "suggestions", model, args.in_channels, dense, values,
+                                          matched_round)
         items, added = merge_regions(selection, items, dense, following / "scribbles", values)
-        write_json_atomic(following / "selection.json", {"strategy": strategy, "added_pixels": added,
+        account = ({"target_pixels": drawn["target"], "drawn_pixels": drawn["added"], "n_boxes": drawn["n_boxes"],
+                    "stop": drawn["stop"]} if drawn else {})
+        write_json_atomic(following / "selection.json", {"strategy": strategy, "added_pixels": added, **account,
                                                          "selection": selection})
     return records
 
@@ -529,7 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         rng0 = np.random.default_rng(seed)
         first = [training[int(i)] for i in sorted(rng0.choice(len(training), n_start, replace=False))]
-        for strategy in args.strategies:
+        # regions: the uncertain arm first, the random arm's rounds are pixel-matched to its rounds
+        order = args.strategies if args.variant == "images" else [s for s in STRATEGIES if s in args.strategies]
+        for strategy in order:
             if args.variant == "images":
                 records = run_images(args, strategy, seed, first, training, test, values, n_add, records)
             else:
@@ -558,8 +672,8 @@ def main(argv: list[str] | None = None) -> int:
             intro = (f"Each round adds the scribbles of {'/'.join(map(str, steps))} images (the uncertain ones or "
                      "random ones); `--variant images`.")
         else:
-            header = ["strategy", "seed", "round", "images", "boxes", "added px", "scribbled px", "IoU", "DSB score",
-                      "train s"]
+            header = ["strategy", "seed", "round", "images", "boxes", "added px", "target px", "scribbled px", "IoU",
+                      "DSB score", "train s"]
             setting = rs[-1]
             intro = (f"Each round adds, on the {setting['n_images']} images scribbled at the start, every piece "
                      "(8-connected, per class) of the denser automatic scribble "
@@ -567,14 +681,21 @@ def main(argv: list[str] | None = None) -> int:
                      "which are kept) that intersects a box: `uncertain`, the suggested regions of `s2l suggest`'s "
                      "ranking of the round's training (the "
                      f"{setting.get('region_images', n_regions)} most uncertain images, up to "
-                     f"{setting.get('max_regions', args.max_regions)} regions each); `random`, as many boxes of the "
-                     "same sizes placed at random on as many random scribbled images. Round 0 is the images "
-                     "variant's. `boxes` and `added px`: those that made the round's scribbles; `--variant regions`.")
+                     f"{setting.get('max_regions', args.max_regions)} regions each); `random`, pixel-matched to it: "
+                     "boxes of the sizes `s2l suggest` gives its own model (cycled), placed at random on random "
+                     "scribbled images and drawn one by one until the pieces they add reach the pixels the uncertain "
+                     "arm added at the same seed and round (`target px`; the last box reaches or passes it, "
+                     "*exhausted* where every piece of the scribbled images was used before), so the two arms compare "
+                     "at equal annotation effort. Round 0 is the images variant's. `boxes` and `added px`: those "
+                     "that made the round's scribbles; `--variant regions`.")
         rows = []
         for r in rs:
             row = [r["strategy"], str(r["seed"]), str(r["round"]), str(r["n_images"])]
             if variant == "regions":
-                row += [str(r.get("n_boxes", 0)), f"{r.get('added_pixels', 0):,}"]
+                target = r.get("target_pixels")
+                row += [str(r.get("n_boxes", 0)), f"{r.get('added_pixels', 0):,}"
+                        + (" (exhausted)" if r.get("stop") == "exhausted" else ""),
+                        "" if target is None else f"{target:,}"]
             row += [f"{r['scribbled_pixels']:,}", f"{r['iou']:.4f}", f"{r['dsb']:.4f}",
                     "" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}"]
             rows.append(row)

@@ -106,25 +106,81 @@ def test_add_pieces_adds_exactly_the_pieces_that_meet_the_box():
         al.add_pieces(scribble, dense[:5], [box], VALUES)
 
 
-def test_random_boxes_same_number_and_sizes_on_distinct_images():
-    suggested = [{"image": "a", "boxes": [[0, 0, 10, 20], [5, 5, 8, 9]]}, {"image": "b", "boxes": []},
-                 {"image": "c", "boxes": [[3, 4, 33, 10]]}]
-    shapes = {"w": (100, 100), "x": (40, 60), "y": (64, 64), "z": (50, 40)}
-    drawn = al.random_boxes(suggested, shapes, np.random.default_rng(3))
-    assert drawn == al.random_boxes(suggested, shapes, np.random.default_rng(3))  # seeded
-    assert len(drawn) == 3 and len({d["image"] for d in drawn}) == 3 and {d["image"] for d in drawn} <= set(shapes)
+def _pieces_case():
+    """Two 10x10 images with known dense pieces (per image: foreground 3 + 2 px, background 4 px, one pixel of them
+    already scribbled) and their current scribbles."""
+    u = 255
+    dense, scribbles = {}, {}
+    for name, shift in (("a", 0), ("b", 4)):
+        d = np.full((10, 10), u, np.uint8)
+        d[1 + shift, 1:4] = 1  # foreground piece, 3 px
+        d[5, 7:9] = 1  # foreground piece, 2 px
+        d[8, 0:4] = 0  # background piece, 4 px
+        s = np.full((10, 10), u, np.uint8)
+        s[8, 0] = 0  # one pixel of the background piece is scribbled already
+        s[0, 9] = 1  # a stroke away from every piece
+        dense[name], scribbles[name] = d, s
+    return scribbles, dense  # 8 px to add per image
 
-    def sizes(entries):
-        return [[(y1 - y0, x1 - x0) for y0, x0, y1, x1 in e["boxes"]] for e in entries]
 
-    assert sizes(drawn) == sizes(suggested)
-    for d in drawn:
-        height, width = shapes[d["image"]]
-        assert all(0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width for y0, x0, y1, x1 in d["boxes"])
-    # a box larger than its image is cut to it; more suggested images than scribbled ones: one each
-    big = al.random_boxes([{"image": "a", "boxes": [[0, 0, 500, 30]]}] * 2, {"x": (40, 60)}, np.random.default_rng(0))
-    assert big == [{"image": "x", "boxes": [[0, big[0]["boxes"][0][1], 40, big[0]["boxes"][0][1] + 30]]}]
-    assert al.random_boxes([], shapes, np.random.default_rng(0)) == []
+def test_matched_random_boxes_stops_at_the_first_box_that_reaches_the_target():
+    scribbles, dense = _pieces_case()
+    whole = [{"image": "x", "boxes": [[0, 0, 10, 10]]}]  # a box that takes all of an image's pieces at once
+    seen = set()
+    for seed in range(6):
+        drawn = al.matched_random_boxes(whole, scribbles, dense, VALUES, 5, np.random.default_rng(seed))
+        # one image gives 8 >= 5: the first box is the last
+        assert drawn["stop"] == "target" and drawn["n_boxes"] == 1 and drawn["added"] == 8 >= drawn["target"] == 5
+        seen.add(drawn["selection"][0]["image"])
+        # 9 needs both images (distinct images until each has been drawn): two boxes, all 16 px
+        drawn = al.matched_random_boxes(whole, scribbles, dense, VALUES, 9, np.random.default_rng(seed))
+        assert (drawn["stop"], drawn["n_boxes"], drawn["added"]) == ("target", 2, 16)
+        assert sorted(s["image"] for s in drawn["selection"]) == ["a", "b"]
+        # more than all the pieces hold: drawing stops when they are used up, and says so
+        drawn = al.matched_random_boxes(whole, scribbles, dense, VALUES, 17, np.random.default_rng(seed))
+        assert (drawn["stop"], drawn["added"], drawn["target"]) == ("exhausted", 16, 17)
+    assert seen == {"a", "b"}  # the image is drawn at random
+    assert al.matched_random_boxes(whole, scribbles, dense, VALUES, 0, np.random.default_rng(0)) == {
+        "selection": [], "target": 0, "added": 0, "n_boxes": 0, "stop": "target"}
+    # small boxes on one image: the sizes cycle through the suggested ones; the pieces the boxes touch, as add_pieces
+    # counts them, reach the target with the last box and not without it
+    one = {"a": scribbles["a"]}
+    suggested = [{"image": "p", "boxes": [[0, 0, 2, 3]]}, {"image": "q", "boxes": [[5, 5, 6, 6], [0, 0, 1, 4]]}]
+    for seed in range(20):
+        drawn = al.matched_random_boxes(suggested, one, dense, VALUES, 6, np.random.default_rng(seed))
+        assert drawn == al.matched_random_boxes(suggested, one, dense, VALUES, 6, np.random.default_rng(seed))
+        assert drawn["stop"] == "target" and len(drawn["selection"]) == 1
+        boxes = drawn["selection"][0]["boxes"]
+        assert len(boxes) == drawn["n_boxes"] >= 1
+        cycle = [(2, 3), (1, 1), (1, 4)]
+        assert [(y1 - y0, x1 - x0) for y0, x0, y1, x1 in boxes] == [cycle[i % 3] for i in range(len(boxes))]
+        assert all(0 <= y0 < y1 <= 10 and 0 <= x0 < x1 <= 10 for y0, x0, y1, x1 in boxes)
+        full = al.add_pieces(scribbles["a"], dense["a"], boxes, VALUES)[1]
+        assert full == drawn["added"] >= 6 > al.add_pieces(scribbles["a"], dense["a"], boxes[:-1], VALUES)[1]
+    # a box larger than its image is cut to it; the inputs are not modified
+    big = al.matched_random_boxes([{"image": "p", "boxes": [[0, 0, 50, 3]]}], one, dense, VALUES, 1,
+                                  np.random.default_rng(1))
+    assert all(y1 - y0 == 10 and x1 - x0 == 3 for y0, x0, y1, x1 in big["selection"][0]["boxes"])
+    assert np.count_nonzero(scribbles["a"] != 255) == 2
+    with pytest.raises(ValueError, match="shape"):
+        al.matched_random_boxes(whole, one, {"a": dense["a"][:5]}, VALUES, 1, np.random.default_rng(0))
+
+
+def test_uncertain_round_from_record_or_selection_or_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="uncertain arm first"):
+        al.uncertain_round(tmp_path, 0, 1, [])
+    record = {"variant": "regions", "strategy": "uncertain", "seed": 0, "round": 1, "added_pixels": 12,
+              "boxes": [["a.png", [[0, 0, 4, 4]]]]}
+    other = {**record, "seed": 1, "added_pixels": 99}
+    assert al.uncertain_round(tmp_path, 0, 1, [other, record]) == {
+        "added_pixels": 12, "boxes": [{"image": "a.png", "boxes": [[0, 0, 4, 4]]}]}
+    path = tmp_path / "active_learning" / "regions_uncertain_s0_r1" / "data" / "selection.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"strategy": "uncertain", "added_pixels": 7,
+                                "selection": [{"image": "/d/a.png", "boxes": [[1, 1, 3, 3]]}]}))
+    assert al.uncertain_round(tmp_path, 0, 1, [other])["added_pixels"] == 7
+    with pytest.raises(RuntimeError, match="seed 0"):
+        al.uncertain_round(tmp_path, 0, 2, [record])
 
 
 def _dense_datalist(data: Path) -> None:
@@ -156,7 +212,7 @@ def test_simulated_annotator_regions_variant(images_run, tmp_path):
     argv = ["--variant", "regions", "--dense_datalist", "datalist_dense.json", "--dataset_dir", str(data),
             "--datalist_name", "datalist.json", "--work", str(images_run.tmp / "work"), "--seeds", "0",
             "--rounds", "1", "--start", "0.34", "--region_images", "2", "--max_regions", "2", "--first_steps", "4",
-            "--round_steps", "2", "--results", str(results)]
+            "--round_steps", "2", "--results", str(results), "--strategies", "random", "uncertain"]
     assert al.main(argv) == 0
     records = json.loads(results.read_text())
     assert sorted((r["variant"], r["strategy"], r["round"]) for r in records) == sorted(
@@ -190,13 +246,28 @@ def test_simulated_annotator_regions_variant(images_run, tmp_path):
     model = work / "s0_r0" / "ckpt" / "model.pt"
     suggested = al.suggested_boxes(work / "s0_r0" / "train", start, 2, 2, tmp_path / "sugg", model, 1)
     assert by["uncertain", 1]["boxes"] == [[Path(s["image"]).name, s["boxes"]] for s in suggested if s["boxes"]]
-    assert by["uncertain", 1]["n_boxes"] == by["random", 1]["n_boxes"] == sum(len(s["boxes"]) for s in suggested)
+    assert by["uncertain", 1]["n_boxes"] == sum(len(s["boxes"]) for s in suggested)
+    # the random arm is pixel-matched to it (run after it although listed first in --strategies): its boxes add at
+    # least as many pixels, or every piece was used up
+    uncertain, random = by["uncertain", 1], by["random", 1]
+    assert random["target_pixels"] == uncertain["added_pixels"] and "target_pixels" not in uncertain
+    assert random["stop"] in ("target", "exhausted") and random["n_boxes"] >= 1
+    assert random["added_pixels"] >= uncertain["added_pixels"] or random["stop"] == "exhausted"
+    saved = json.loads((work / "regions_random_s0_r1" / "data" / "selection.json").read_text())
+    assert saved["added_pixels"] == saved["drawn_pixels"] == random["added_pixels"]
+    assert saved["target_pixels"] == random["target_pixels"] and saved["n_boxes"] == random["n_boxes"]
+    assert al.uncertain_round(images_run.tmp / "work", 0, 1, [])["added_pixels"] == uncertain["added_pixels"]
     # the dataset folder is untouched
     assert {p.name: p.read_bytes() for p in (data / "scribbles").iterdir()} == before
     text = results.with_suffix(".md").read_text()
     assert "## Variant images" in text and "## Variant regions" in text and text.count("### Targets") == 2
-    assert "| uncertain | 0 | 1 | 2 |" in text and "| uncertain | 0 | 1 | 4 |" in text
+    assert "| uncertain | 0 | 1 | 2 |" in text and "| uncertain | 0 | 1 | 4 |" in text and "pixel-matched" in text
+    assert f"| random | 0 | 1 | 2 | {random['n_boxes']} | {random['added_pixels']:,}" in text
     assert results.with_suffix(".svg").read_text().count("scribbled pixels</text>") == 4  # two rows of two panels
     # resumable: a second call trains nothing
     assert al.main(argv) == 0
     assert [r["date"] for r in json.loads(results.read_text())] == [r["date"] for r in records]
+    # a random-arm record from before the pixel matching is not reused
+    results.write_text(json.dumps([{k: v for k, v in r.items() if k != "target_pixels"} for r in records]))
+    with pytest.raises(RuntimeError, match="pixel-matched"):
+        al.main(argv)
