@@ -158,15 +158,13 @@ def box_mask(shape: tuple[int, int], boxes: list[list[int]]) -> np.ndarray:
     return mask
 
 
-def add_pieces(scribble: np.ndarray, dense: np.ndarray, boxes: list[list[int]],
-               values: dict[str, Any]) -> tuple[np.ndarray, int]:
-    """``scribble`` plus, whole, every piece of ``dense`` that intersects a box.
-
-    A piece is an 8-connected component of one class (background, foreground) of the denser scribble ``dense``.
-    Pixels already scribbled keep their value (strokes are never lost or relabelled).
+def label_pieces(scribble: np.ndarray, dense: np.ndarray,
+                 values: dict[str, Any]) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """The pieces of the denser scribble ``dense``: per class (background, foreground), its 8-connected components.
 
     Returns:
-        the merged scribble (a new array) and how many pixels it scribbles that ``scribble`` did not.
+        ``[(class value, labels HW, gains)]``: ``gains[i]`` = pixels of piece ``i`` not scribbled in ``scribble``
+        (``gains[0] = 0``, the rest of the image).
     """
     from scipy import ndimage
 
@@ -174,17 +172,33 @@ def add_pieces(scribble: np.ndarray, dense: np.ndarray, boxes: list[list[int]],
     if scribble.shape != dense.shape:
         raise ValueError(f"scribble {scribble.shape} and dense scribble {dense.shape} differ in shape")
     unlabelled = int(values.get("unlabelled", 255))
-    merged = scribble.copy()
-    inside = box_mask(scribble.shape[:2], boxes)
-    added = 0
+    pieces = []
     for name in ("background", "foreground"):
         value = int(values.get(name, 0 if name == "background" else 1))
         labels, n = ndimage.label(dense == value, structure=np.ones((3, 3), bool))
-        if n == 0:
-            continue
+        gains = np.bincount(labels[scribble == unlabelled], minlength=n + 1).astype(np.int64)
+        gains[0] = 0
+        pieces.append((value, labels, gains))
+    return pieces
+
+
+def add_pieces(scribble: np.ndarray, dense: np.ndarray, boxes: list[list[int]],
+               values: dict[str, Any]) -> tuple[np.ndarray, int]:
+    """``scribble`` plus, whole, every piece of ``dense`` (:func:`label_pieces`) that intersects a box.
+
+    Pixels already scribbled keep their value (strokes are never lost or relabelled).
+
+    Returns:
+        the merged scribble (a new array) and how many pixels it scribbles that ``scribble`` did not.
+    """
+    pieces = label_pieces(scribble, dense, values)
+    unlabelled = int(values.get("unlabelled", 255))
+    merged = np.asarray(scribble).copy()
+    inside = box_mask(merged.shape[:2], boxes)
+    added = 0
+    for value, labels, _ in pieces:
         hit = np.unique(labels[inside])
-        hit = hit[hit > 0]
-        new = np.isin(labels, hit) & (merged == unlabelled)
+        new = np.isin(labels, hit[hit > 0]) & (merged == unlabelled)
         merged[new] = value
         added += int(np.count_nonzero(new))
     return merged, added
@@ -240,26 +254,18 @@ def matched_random_boxes(suggested: list[dict[str, Any]], scribbles: dict[str, n
         "added" (pixels), "n_boxes", "stop": "target" | "exhausted" | "box_limit" | "no_boxes" (no size to
         draw)}``.
     """
-    from scipy import ndimage
-
-    unlabelled = int(values.get("unlabelled", 255))
     images = sorted(scribbles)
     sizes = [[(y1 - y0, x1 - x0) for y0, x0, y1, x1 in s["boxes"]] for s in suggested if s.get("boxes")]
     # every piece's gain (its pixels not scribbled yet), per image and class; a used piece's gain drops to 0
     pieces: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     remaining = 0
     for image in images:
-        scribble, full = np.asarray(scribbles[image]), np.asarray(dense[image])
-        if scribble.shape != full.shape:
-            raise ValueError(f"{image}: scribble {scribble.shape} and dense scribble {full.shape} differ in shape")
-        pieces[image] = []
-        for name in ("background", "foreground"):
-            value = int(values.get(name, 0 if name == "background" else 1))
-            labels, n = ndimage.label(full == value, structure=np.ones((3, 3), bool))
-            gains = np.bincount(labels[scribble == unlabelled], minlength=n + 1).astype(np.int64)
-            gains[0] = 0
-            pieces[image].append((labels, gains))
-            remaining += int(gains.sum())
+        try:
+            labelled = label_pieces(scribbles[image], dense[image], values)
+            pieces[image] = [(labels, gains) for _, labels, gains in labelled]
+        except ValueError as error:
+            raise ValueError(f"{image}: {error}") from None
+        remaining += sum(int(gains.sum()) for _, gains in pieces[image])
     boxes: dict[str, list[list[int]]] = {}
     added, n_boxes, stop = 0, 0, "target"
     order: list[int] = []

@@ -261,13 +261,6 @@ class VolumeShare:
     blocks: tuple[tuple[int, int], ...]
     counts: tuple[int, ...]
 
-    def owner(self, index: int) -> int:
-        """The rank whose block holds slice ``index``."""
-        for r, (start, stop) in enumerate(self.blocks):
-            if start <= index < stop:
-                return r
-        raise IndexError(f"slice {index} outside 0..{self.num_slices - 1} of {self.image}")
-
 
 def volume_shares(
     items: Sequence[Any],
