@@ -405,10 +405,18 @@ def _key_value(value: Any) -> Any:
 
 def current_recipe(records: Sequence[dict[str, Any]], headline: str = "default") -> list[dict[str, Any]]:
     """The records of one table cell to show: those of the ``headline`` profile (``+smoke`` stripped) where the cell
-    has any, else all of them (a retired recipe's records, e.g. ``default-b16``, stand in until the headline's are
-    measured; the report marks them with their profile)."""
-    current = [r for r in records if str(r.get("profile", headline)).split("+")[0] == headline]
-    return current or list(records)
+    has any, else those of the retired recipe measured last (e.g. ``default-1200`` stands in until the headline's
+    are measured; the report marks them with their profile). Never a mix of recipes: a mean over seeds of two
+    different recipes is no recipe's figure."""
+    by_profile: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_profile.setdefault(str(r.get("profile", headline)).split("+")[0], []).append(r)
+    if headline in by_profile:
+        return by_profile[headline]
+    if not by_profile:
+        return []
+    newest = max(by_profile, key=lambda p: max(str(r.get("date", "")) for r in by_profile[p]))
+    return by_profile[newest]
 
 
 def _finite(values: Iterable[Any]) -> list[float]:

@@ -65,7 +65,7 @@ class TrainingSchedule:
     def __init__(
         self,
         steps_per_epoch: int,
-        max_steps: int | None = 1200,
+        max_steps: int | None = 2400,
         max_epochs: int | None = None,
         max_seconds: float | None = None,
         warmup: float = 0.6,

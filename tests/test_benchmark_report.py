@@ -100,6 +100,19 @@ def test_a_cell_shows_the_default_records_where_it_has_them() -> None:
     assert [r["iou"] for r in common.current_recipe([*old, smoke])] == [0.9]
 
 
+def test_a_cell_never_averages_two_retired_recipes() -> None:
+    """Without a default record, the cell shows the retired recipe measured last, alone (not a mean of two)."""
+    older = [fake("dsb_fluo", 0.3, "s2l", s, 0.80, profile="default-nocrf", date="2026-12-02T10:00:00+00:00")
+             for s in (0, 1)]
+    newer = [fake("dsb_fluo", 0.3, "s2l", s, 0.84, profile="default-1200", date="2026-12-03T08:00:00+00:00")
+             for s in (0, 1, 2)]
+    chosen = dsb._select([*newer, *older], "dsb_fluo", "s2l", 0.3)
+    assert [r["iou"] for r in chosen] == [0.84, 0.84, 0.84]
+    cell = dsb.ours_cell(chosen)
+    assert cell.startswith("0.8400") and "(n=3)" in cell and cell.endswith("`default-1200`")
+    assert common.current_recipe([]) == []
+
+
 def test_append_record_atomic_and_dedup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "res" / "dsb.json"
     assert common.load_records(path) == []
@@ -189,11 +202,13 @@ def test_default_profile_adds_only_the_method_overrides(tmp_path: Path) -> None:
     assert dsb.default_results("paper-short", False, tmp_path).name == "dsb_paper-short.json"
     assert dsb.default_results("default", True, tmp_path) == tmp_path / "results_smoke" / "dsb.json"
     assert dsb.build_parser().parse_args([]).profile == "default"
-    assert set(dsb.PROFILES) == {"default", "default-nocrf", "default-b16", "default-pcw", "paper", "paper-short",
-                                 "paper-short-balanced"}
-    assert dsb.PROFILES["default-nocrf"] == {"crf_weight": 0.0, "batch_size": 16}
-    assert dsb.PROFILES["default-b16"] == {"batch_size": 16}
-    assert dsb.PROFILES["default-pcw"] == {"pseudo_class_weights": "auto"}
+    assert set(dsb.PROFILES) == {"default", "default-nocrf", "default-b16", "default-pcw", "default-1200", "paper",
+                                 "paper-short", "paper-short-balanced"}
+    # the retired defaults all ran 1200 steps: their overrides keep them true whatever the default's budget is now
+    assert dsb.PROFILES["default-nocrf"] == {"crf_weight": 0.0, "batch_size": 16, "max_steps": 1200}
+    assert dsb.PROFILES["default-b16"] == {"batch_size": 16, "max_steps": 1200}
+    assert dsb.PROFILES["default-pcw"] == {"pseudo_class_weights": "auto", "max_steps": 1200}
+    assert dsb.PROFILES["default-1200"] == {"max_steps": 1200}
 
 
 def test_gpu_profiles_keep_their_recipe(tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ def _train_defaults() -> dict[str, Any]:
         config = json.loads((configs_dir() / "train.json").read_text())
     except (OSError, ValueError):
         config = {}
-    return {"max_steps": int(config.get("max_steps", 1200)), "tau": float(config.get("tau", 0.8)),
+    return {"max_steps": int(config.get("max_steps", 2400)), "tau": float(config.get("tau", 0.8)),
             "num_samples": int(config.get("num_samples", 4)), "batch_size": int(config.get("batch_size", _BATCH))}
 
 
