@@ -468,14 +468,28 @@ def targets(records: list[dict[str, Any]], reference: dict[str, float] | None,
     out.append((f"{prefix}uncertain beats random at every round by more than random's seed std (IoU)", status,
                 "; ".join(t for _, _, t in wins) or "needs random with 2+ seeds"))
     if reference:
-        reached = [r for r in records if r["strategy"] == "uncertain" and r["iou"] >= reference["iou"]]
-        need = min((r["scribbled_pixels"] for r in reached), default=None)
+        # a round reaches it when the MEAN over its seeds does (one lucky seed is not enough)
+        by_round: dict[int, list[dict[str, Any]]] = {}
+        for r in records:
+            if r["strategy"] == "uncertain":
+                by_round.setdefault(r["round"], []).append(r)
+        reached = [(rnd, statistics.mean(r["scribbled_pixels"] for r in rs), statistics.mean(r["iou"] for r in rs))
+                   for rnd, rs in sorted(by_round.items())
+                   if statistics.mean(r["iou"] for r in rs) >= reference["iou"]]
+        best = max(by_round.items(), key=lambda kv: statistics.mean(r["iou"] for r in kv[1]), default=None)
         full = reference.get("scribbled_pixels")
-        ok = need is not None and full and need <= 0.5 * full
+        ok = bool(reached) and bool(full) and reached[0][1] <= 0.5 * full
+        if reached:
+            got = f"round {reached[0][0]}: IoU {reached[0][2]:.4f} with {reached[0][1]:,.0f} px (mean over seeds)"
+        elif best is not None:
+            rs = best[1]
+            got = (f"no round; best round {best[0]}: IoU {statistics.mean(r['iou'] for r in rs):.4f} with "
+                   f"{statistics.mean(r['scribbled_pixels'] for r in rs):,.0f} px (mean over {len(rs)} seed(s))")
+        else:
+            got = "no round"
         out.append((f"{prefix}uncertain reaches the all-scribbled IoU with at most half the scribbled pixels",
                     "PASS" if ok else "FAIL",
-                    f"all scribbled: IoU {reference['iou']:.4f} with {full:,} px; uncertain reached it with "
-                    + (f"{need:,} px" if need is not None else "no round")))
+                    f"all scribbled: IoU {reference['iou']:.4f} with {full:,} px; uncertain reached it in {got}"))
     return out
 
 
@@ -663,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         reference = {"iou": statistics.mean(r["iou"] for r in all_records),
                      "dsb": statistics.mean(r["dsb_score_watershed"] for r in all_records),
                      "scribbled_pixels": sum(scribbled_pixels(i, unlabelled) for i in training)}
+    default_steps = json.loads((REPO / "configs" / "train.json").read_text()).get("max_steps")
     svg = args.results.with_suffix(".svg")
     write_text_atomic(svg, svg_plot(records, reference))
     sections = []
@@ -725,6 +740,12 @@ def main(argv: list[str] | None = None) -> int:
         "steps. Test split, flip-averaged inference, watershed instances. "
         f"Plot: [{svg.name}]({svg.name}) (one row per variant).",
         "",
+        *([f"All scribbled (the plots' line and the targets' reference): Scribble2Label trained on every training "
+           f"image's scribbles with the default recipe ({default_steps} optimiser steps), the DSB headline's records "
+           f"(`dsb.json`, profile `default`, {len(all_records)} seed(s)): test IoU {reference['iou']:.4f}, DSB score "
+           f"{reference['dsb']:.4f}, {reference['scribbled_pixels']:,} scribbled pixels. Round {args.rounds} here "
+           f"has trained {args.first_steps + args.rounds * args.round_steps} steps in all ({args.first_steps} + "
+           f"{args.rounds} x {args.round_steps}).", ""] if reference else []),
         *sections,
     ])
     write_text_atomic(args.results.with_suffix(".md"), text)

@@ -271,3 +271,25 @@ def test_simulated_annotator_regions_variant(images_run, tmp_path):
     results.write_text(json.dumps([{k: v for k, v in r.items() if k != "target_pixels"} for r in records]))
     with pytest.raises(RuntimeError, match="pixel-matched"):
         al.main(argv)
+
+
+def test_targets_use_the_mean_over_seeds():
+    """The 'all-scribbled IoU with half the pixels' target counts a round when its MEAN over seeds reaches the
+    reference, not when one seed does; 'beats random' needs the lead over random's seed std at every round."""
+
+    def rec(strategy, seed, rnd, iou, px):
+        return {"variant": "images", "strategy": strategy, "seed": seed, "round": rnd, "iou": iou,
+                "scribbled_pixels": px}
+
+    records = [rec("uncertain", 0, 1, 0.86, 40), rec("uncertain", 1, 1, 0.80, 60),  # mean 0.83 < 0.845
+               rec("uncertain", 0, 2, 0.85, 70), rec("uncertain", 1, 2, 0.84, 90),  # mean 0.845: reached, 80 px
+               rec("random", 0, 1, 0.80, 40), rec("random", 1, 1, 0.82, 60),
+               rec("random", 0, 2, 0.81, 70), rec("random", 1, 2, 0.83, 90)]
+    beats, half = al.targets(records, {"iou": 0.845, "scribbled_pixels": 200})
+    # round 1: 0.83 - 0.81 = 0.02 > std 0.0141; round 2: 0.845 - 0.82 = 0.025 > 0.0141
+    assert beats[1] == "PASS" and "round 1: 0.8300 vs 0.8100 ± 0.0141" in beats[2]
+    assert half[1] == "PASS" and "round 2: IoU 0.8450 with 80 px (mean over seeds)" in half[2]
+    # 80 px is not at most half of 150: FAIL, although seed 0 alone passed the reference in round 1 with 40 px
+    assert al.targets(records, {"iou": 0.845, "scribbled_pixels": 150})[1][1] == "FAIL"
+    none = al.targets(records, {"iou": 0.9, "scribbled_pixels": 200})[1]
+    assert none[1] == "FAIL" and "no round; best round 2: IoU 0.8450 with 80 px (mean over 2 seed(s))" in none[2]
