@@ -473,18 +473,16 @@ def targets(records: list[dict[str, Any]], reference: dict[str, float] | None,
         for r in records:
             if r["strategy"] == "uncertain":
                 by_round.setdefault(r["round"], []).append(r)
-        reached = [(rnd, statistics.mean(r["scribbled_pixels"] for r in rs), statistics.mean(r["iou"] for r in rs))
-                   for rnd, rs in sorted(by_round.items())
-                   if statistics.mean(r["iou"] for r in rs) >= reference["iou"]]
-        best = max(by_round.items(), key=lambda kv: statistics.mean(r["iou"] for r in kv[1]), default=None)
+        means = [(rnd, statistics.mean(r["scribbled_pixels"] for r in rs), statistics.mean(r["iou"] for r in rs),
+                  len(rs)) for rnd, rs in sorted(by_round.items())]
+        reached = [m for m in means if m[2] >= reference["iou"]]
         full = reference.get("scribbled_pixels")
         ok = bool(reached) and bool(full) and reached[0][1] <= 0.5 * full
         if reached:
             got = f"round {reached[0][0]}: IoU {reached[0][2]:.4f} with {reached[0][1]:,.0f} px (mean over seeds)"
-        elif best is not None:
-            rs = best[1]
-            got = (f"no round; best round {best[0]}: IoU {statistics.mean(r['iou'] for r in rs):.4f} with "
-                   f"{statistics.mean(r['scribbled_pixels'] for r in rs):,.0f} px (mean over {len(rs)} seed(s))")
+        elif means:
+            rnd, px, iou, n = max(means, key=lambda m: m[2])
+            got = f"no round; best round {rnd}: IoU {iou:.4f} with {px:,.0f} px (mean over {n} seed(s))"
         else:
             got = "no round"
         out.append((f"{prefix}uncertain reaches the all-scribbled IoU with at most half the scribbled pixels",

@@ -169,14 +169,15 @@ def inference_rows(args: argparse.Namespace, model: Path) -> list[list[str]]:
         geometry = VolumeGeometry(shape=(z, y, x), spacing=(0.05, 0.004, 0.004), unit="micrometer",
                                   extra={"chunks": (4, min(y, 256), min(x, 256))})
         write_volume(volume_dir / "vol.ome.zarr", np.stack(slices), geometry)
-    inputs = [(f"folder, {args.infer_images} x 256x256", ["--input_dir", str(folder)], args.infer_images,
+    inputs = [("folder", f"folder, {args.infer_images} x 256x256", ["--input_dir", str(folder)], args.infer_images,
                args.infer_images * 256 * 256),
-              (f"OME-Zarr volume {z}x{y}x{x}", ["--input_dir", str(volume_dir), "--slice_axis", "0"], z, z * y * x)]
+              ("volume", f"OME-Zarr volume {z}x{y}x{x}", ["--input_dir", str(volume_dir), "--slice_axis", "0"], z,
+               z * y * x)]
     rows = []
-    for name, overrides, images, pixels in inputs:
+    for tag, name, overrides, images, pixels in inputs:
         first: tuple[float, dict[str, bytes]] | None = None
         for n in args.procs:
-            out = args.work / f"infer_{'folder' if '--slice_axis' not in overrides else 'volume'}_procs{n}"
+            out = args.work / f"infer_{tag}_procs{n}"
             shutil.rmtree(out, ignore_errors=True)
             head = [sys.executable, "-m", "monai.bundle"] if n == 1 else [
                 sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m",
