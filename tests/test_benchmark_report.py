@@ -420,6 +420,12 @@ def test_targets_pass_and_fail() -> None:
     assert "over: DSB-Fluo full full s0 612 s" in status[8][1] and "900" not in status[8][1]
     assert "1 record(s) measured on a GPU machine not counted" in status[8][1]
 
+    # a retired profile's slow training of a cell the default has re-measured is not timed
+    retired = [dict(r) for r in good] + [fake("dsb_fluo", 0.3, "s2l", 0, 0.80, train_seconds=1300.0,
+                                               profile="default-1200")]
+    status = _targets(retired)
+    assert status[8][0] == "PASS" and "1300" not in status[8][1]
+
     only_s2l = [r for r in good if r["method"] == "s2l" and r["dataset"] == "dsb_fluo" and r["ratio"] == 0.3]
     status = _targets(only_s2l[:1])
     assert status[0] == ("PASS", "IoU 0.8700 (mean of 1 seed(s))")
