@@ -353,9 +353,9 @@ def otsu_baseline(
         One :func:`~s2l_monai.metrics.evaluate_pair` record per item, named by the image's base name.
     """
     from monai.data import PILReader
-    from monai.transforms import Compose, LoadImaged, ScaleIntensityRangePercentilesd
+    from monai.transforms import Compose, LoadImaged
 
-    from s2l_monai.transforms import EnsureImageChannelsd
+    from s2l_monai.transforms import EnsureImageChannelsd, ScaleIntensityRangePercentilesd
 
     load = Compose(
         [

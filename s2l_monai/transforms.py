@@ -9,12 +9,21 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor, get_track_meta
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, ScaleIntensityRange, ScaleIntensityRangePercentiles
+from monai.transforms import ScaleIntensityRangePercentilesd as _MonaiScaleIntensityRangePercentilesd
 from monai.transforms.traits import RandomizableTrait
 
 from s2l_monai.ensemble import EMAStore
 
-__all__ = ["Argmaxd", "EnsureImageChannelsd", "LoadPseudoLabeld", "ReplaceNonFinited", "channel_argmax"]
+__all__ = [
+    "Argmaxd",
+    "EnsureImageChannelsd",
+    "LoadPseudoLabeld",
+    "ReplaceNonFinited",
+    "ScaleIntensityRangePercentilesd",
+    "SelectPercentiles",
+    "channel_argmax",
+]
 
 # ITU-R BT.601 luma weights, as PIL's "L" conversion uses.
 _LUMA = (0.299, 0.587, 0.114)
@@ -48,6 +57,43 @@ class ReplaceNonFinited(MapTransform):
                 fixed[c][~finite[c]] = good.median() if good.numel() else 0.0
             d[key] = fixed
         return d
+
+
+class SelectPercentiles(ScaleIntensityRangePercentiles):
+    """MONAI's ``ScaleIntensityRangePercentiles`` with both percentiles found by selection, in one pass.
+
+    MONAI computes each percentile of a tensor with ``torch.quantile``, a full sort of every pixel, and switches to
+    ``np.percentile`` (introselect, linear interpolation like ``torch.quantile``) only above 10^6 elements. Profiled
+    on idle cores (200 images of 256x256, no flips, whole-image inference, watershed instances): the two sorts took
+    7.5 ms per image, 11.5% of the end-to-end time and half the network's; ``np.percentile`` of both at once takes
+    about a tenth of that. Same values up to float rounding (float64 interpolation instead of float32); the
+    scaling itself is MONAI's ``ScaleIntensityRange``.
+    """
+
+    def _normalize(self, img: Any) -> Any:
+        array = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+        a_min, a_max = (float(v) for v in np.percentile(array, (self.lower, self.upper)))
+        b_min, b_max = self.b_min, self.b_max
+        if self.relative:
+            if b_min is None or b_max is None:
+                raise ValueError("If it is relative, b_min and b_max should not be None.")
+            b_min, b_max = (
+                (b_max - b_min) * (self.lower / 100.0) + b_min,
+                (b_max - b_min) * (self.upper / 100.0) + b_min,
+            )
+        scaled = ScaleIntensityRange(a_min=a_min, a_max=a_max, b_min=b_min, b_max=b_max, clip=self.clip,
+                                     dtype=self.dtype)(img)
+        return torch.as_tensor(scaled.as_tensor() if isinstance(scaled, MetaTensor) else scaled)
+
+
+class ScaleIntensityRangePercentilesd(_MonaiScaleIntensityRangePercentilesd):
+    """MONAI's ``ScaleIntensityRangePercentilesd`` (same arguments) with :class:`SelectPercentiles` inside."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        s = self.scaler
+        self.scaler = SelectPercentiles(s.lower, s.upper, s.b_min, s.b_max, s.clip, s.relative, s.channel_wise,
+                                        s.dtype)
 
 
 def channel_argmax(x: torch.Tensor) -> torch.Tensor:

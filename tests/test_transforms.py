@@ -172,3 +172,31 @@ def test_crop_ratios_key_picks_the_class_under_each_patch_centre(ratios, expecte
     on_fg = [scribble[r, c] == 1 for r, c in centres]
     assert all(scribble[r, c] != 255 for r, c in centres)
     assert float(np.mean(on_fg)) == expected
+
+
+@pytest.mark.parametrize("shape", [(1, 256, 256), (3, 97, 131), (1, 7, 5)])
+def test_percentile_scaling_by_selection_matches_monai(shape):
+    """The selection-based percentiles give MONAI's values (torch.quantile, a sort) on float images, channel-wise."""
+    from monai.data import MetaTensor
+    from monai.transforms import ScaleIntensityRangePercentilesd as MonaiScale
+
+    from s2l_monai.transforms import ScaleIntensityRangePercentilesd
+
+    image = MetaTensor(torch.as_tensor(np.random.default_rng(3).random(shape).astype(np.float32) * 1000))
+    args = ("image", 1, 99.8, 0.0, 1.0)
+    ours = ScaleIntensityRangePercentilesd(*args, channel_wise=True)({"image": image})["image"]
+    theirs = MonaiScale(*args, channel_wise=True)({"image": image})["image"]
+    assert isinstance(ours, MetaTensor) and ours.dtype == torch.float32 and ours.shape == image.shape
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_percentile_scaling_by_selection_hand_computed():
+    """0..99 in one channel: the 1st and 99th percentiles (linear interpolation) are 0.99 and 98.01; clip."""
+    from s2l_monai.transforms import ScaleIntensityRangePercentilesd
+
+    image = torch.arange(100, dtype=torch.float32).reshape(1, 10, 10)
+    out = ScaleIntensityRangePercentilesd("image", 1, 99, 0.0, 1.0, clip=True)({"image": image})["image"]
+    expected = np.clip((np.arange(100) - 0.99) / (98.01 - 0.99), 0, 1).reshape(1, 10, 10)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-6)
+    uint8 = ScaleIntensityRangePercentilesd("image", 1, 99, 0.0, 1.0, clip=True)({"image": image.to(torch.uint8)})
+    np.testing.assert_allclose(np.asarray(uint8["image"]), expected, atol=1e-6)

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import torch
 from monai.inferers import Inferer, SliceInferer
-from monai.transforms import ScaleIntensityRangePercentiles
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
@@ -19,6 +18,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from lib.bundle_config import LABELS, read_config
 from lib.image_io import read_image, result_suffix, write_result
 from s2l_monai.inferers import FlipAveragingInferer
+from s2l_monai.transforms import SelectPercentiles
 
 __all__ = ["ScribbleInferTask"]
 
@@ -36,7 +36,7 @@ class LoadForBundle:
     def __init__(self, load_2d: Callable, in_channels: int) -> None:
         self.load_2d = load_2d
         self.in_channels = in_channels
-        self.scale = ScaleIntensityRangePercentiles(lower=1, upper=99.8, b_min=0.0, b_max=1.0, channel_wise=True)
+        self.scale = SelectPercentiles(lower=1, upper=99.8, b_min=0.0, b_max=1.0, channel_wise=True)
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         path = data["image"]
