@@ -141,3 +141,17 @@ def test_inference_config_flags_from_the_command_line_and_whole_image_option():
     inferer = parser.get_parsed_content("inferer", lazy=False)
     assert isinstance(inferer, FlipAveragingInferer) and isinstance(inferer.inferer, WholeImageInferer)
     assert isinstance(inferer.inferer.fallback, SlidingWindowInferer)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (62, 70)])
+def test_whole_image_inferer_hands_the_network_a_plain_tensor(size):
+    """With or without padding, the network sees a plain tensor (no MetaTensor dispatch per operation)."""
+    seen = []
+
+    def net(x):
+        seen.append(type(x))
+        return x * 2
+
+    out = WholeImageInferer(divisible=4)(MetaTensor(torch.ones(1, 1, *size)), net)
+    assert seen == [torch.Tensor]
+    assert tuple(out.shape[2:]) == size and float(out.mean()) == 2.0
