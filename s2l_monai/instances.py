@@ -189,6 +189,19 @@ def distance_transform(fg: np.ndarray, objects: np.ndarray | None = None, max_sh
     return out
 
 
+def _single_maximum_objects(dist: np.ndarray, fg: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """``single[label]``: whether object ``label`` of ``components`` holds exactly one regional maximum of ``dist``
+    (plateaus count once; full connectivity, the reconstruction's neighbourhood). Index 0 (background) is False."""
+    full = np.ones((3,) * dist.ndim, dtype=bool)
+    peaks = local_maxima(dist, connectivity=dist.ndim, allow_borders=True) & fg
+    peak_labels, n_peaks = ndi.label(peaks, structure=full)
+    owner = np.zeros(n_peaks + 1, dtype=np.int64)
+    owner[peak_labels[peaks]] = components[peaks]  # a plateau lies in one object: both use full connectivity
+    counts = np.bincount(owner[1:], minlength=int(components.max()) + 1)
+    counts[0] = 0
+    return counts == 1
+
+
 def h_maxima_transform(
     dist: np.ndarray,
     h: float,
@@ -207,6 +220,13 @@ def h_maxima_transform(
     bounding box grown by one pixel, the other objects set to background), and ``R = min(M, 0)`` on the
     background. Every value is one of the input's (no arithmetic but ``dist - h``), so the result is equal bit for
     bit; ``tests/test_instances.py`` checks it against scikit-image on random masks.
+
+    Most nuclei have one regional maximum of the distance. From any pixel ``p`` of such an object a path that never
+    descends leads to it (leave ``p``'s plateau where a neighbour is higher, until the plateau is a regional
+    maximum, which is then the only one), so the path from the object's maximum ``M_C`` carries ``dist(p)`` and
+    ``R_C(p) = min(dist(p), M_C - h)`` exactly, with no reconstruction at all (one ``local_maxima`` of the whole
+    image finds the objects with a single maximum; a profile put the per-object reconstructions at 54% of the
+    watershed's time before).
 
     Falls back to one reconstruction of the whole image where the split would not pay (the objects' boxes cover
     more than ``max_share`` of it), where it does not hold (``h <= 0``, no background) or without ``components``.
@@ -228,7 +248,16 @@ def h_maxima_transform(
         return reconstruction(marker, dist, method="dilation")
     floor = min(float(marker.max()), 0.0)
     out = np.full(dist.shape, floor, dtype=marker.dtype)
+    single = _single_maximum_objects(dist, fg, components)
+    if single.any():
+        # One regional maximum: R_C = min(dist, max_C - h) in closed form (see the docstring)
+        top = np.zeros(single.size, dtype=dist.dtype)
+        np.maximum.at(top, components[fg], dist[fg])  # per-object maxima (scipy's ndimage.maximum sorts the labels)
+        where = single[components]
+        out[where] = np.maximum(np.minimum(dist[where], top[components[where]] - h), floor)
     for label, box in boxes:
+        if single[label]:
+            continue
         own = components[box] == label
         sub = np.where(own, dist[box], 0.0)
         rec = reconstruction(sub - h, sub, method="dilation")

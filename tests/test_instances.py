@@ -182,6 +182,44 @@ def test_h_maxima_transform_equals_skimage_reconstruction(seed: int, density: fl
             assert np.array_equal(got, expected), (shape, share, np.abs(got - expected).max())
 
 
+def test_single_maximum_objects_and_their_closed_form(monkeypatch) -> None:
+    """Objects with one regional maximum (plateaus count once) skip the reconstruction: hand-made cases."""
+    from scipy import ndimage as ndi
+    from skimage.measure import label
+    from skimage.morphology import reconstruction
+
+    from s2l_monai.instances import _single_maximum_objects, h_maxima_transform
+
+    fg = np.zeros((40, 60), dtype=bool)
+    fg[2:7, 2:11] = True  # 5x9 rectangle: the maximum is a plateau of 5 pixels along the middle row -> one
+    yy, xx = np.mgrid[:40, :60]
+    fg |= (yy - 20) ** 2 + (xx - 12) ** 2 <= 36  # two discs of radius 6 joined by a 3-pixel neck -> two maxima
+    fg |= (yy - 20) ** 2 + (xx - 30) ** 2 <= 36
+    fg[19:22, 17:26] = True
+    fg[35, 50] = True  # a single pixel: its own maximum -> one
+    dist = ndi.distance_transform_edt(fg)
+    components = label(fg, connectivity=2)
+    assert components.max() == 3
+    single = _single_maximum_objects(dist, fg, components)
+    ids = [components[4, 6], components[20, 12], components[35, 50]]
+    assert single.tolist() == [False] + [i != ids[1] for i in (1, 2, 3)]
+    # only the two-disc object is reconstructed; the other two take the closed form min(dist, max_C - h), with
+    # maxima below h (the pixel), equal to it (the rectangle's 3) and above it, and the result is scikit-image's
+    import s2l_monai.instances as inst
+
+    calls = []
+    def counted(seed: np.ndarray, mask: np.ndarray, **kw: object) -> np.ndarray:
+        calls.append(1)
+        return reconstruction(seed, mask, **kw)
+
+    monkeypatch.setattr(inst, "reconstruction", counted)
+    for h in (0.5, 3.0, 8.0):
+        calls.clear()
+        got = h_maxima_transform(dist, h, fg, components, max_share=1.0)
+        assert len(calls) == 1
+        assert np.array_equal(got, reconstruction(dist - h, dist, method="dilation"))
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("kwargs", [{}, {"fill_holes": False}, {"h": 5.0}, {"connectivity": 1}, {"sigma": 0.0}])
 def test_watershed_instances_unchanged_by_per_object_reconstruction(monkeypatch, seed: int, kwargs: dict) -> None:
