@@ -334,10 +334,10 @@ class BackgroundPostprocessing:
 
     MONAI's engines apply ``postprocessing`` to each item inside the iteration, so the network waits while the
     instances are computed and the files written. One worker process overlaps the two; ``configs/inference.json``
-    uses one (``postprocessing_workers: 1``): on 2 idle CPU cores, 200 images of 256x256 without test-time flips
-    took 5.2 s against 8.3 s inline, 59 of 520x696 7.4 against 10.4 s, and with the default four flips 17.6 against
-    17.5 s and 36.9 against 40.8 s (``benchmarks/results/inference_throughput.md``). On cores other jobs already
-    fill there is nothing to overlap and it was within the noise.
+    uses one (``postprocessing_workers: 1``): on 2 idle CPU cores with watershed instances, 200 images of 256x256
+    without test-time flips took 6.1 s against 8.9 s inline, 59 of 520x696 7.5 against 10.7 s, and with the default
+    four flips 16.6 against 18.3 s and 37.1 against 43.5 s (``benchmarks/results/inference_throughput.md``). On
+    cores other jobs already fill there is nothing to overlap and it was within the noise.
 
     With ``workers > 0`` each item is handed to a pool of forked worker processes instead, and the engine goes on
     with the next batch; ``attach`` makes the engine wait for every item at the end of the run
