@@ -337,7 +337,8 @@ class BackgroundPostprocessing:
     uses one (``postprocessing_workers: 1``): on 2 idle CPU cores with watershed instances, 200 images of 256x256
     without test-time flips took 6.1 s against 8.9 s inline, 59 of 520x696 7.5 against 10.7 s, and with the default
     four flips 16.6 against 18.3 s and 37.1 against 43.5 s (``benchmarks/results/inference_throughput.md``). On
-    cores other jobs already fill there is nothing to overlap and it was within the noise.
+    cores other jobs already half filled it was within the noise with the flips and up to 30% slower without them
+    (``benchmarks/results/archive/inference_throughput_contended.md``).
 
     With ``workers > 0`` each item is handed to a pool of forked worker processes instead, and the engine goes on
     with the next batch; ``attach`` makes the engine wait for every item at the end of the run

@@ -143,14 +143,16 @@ def fill_holes_by_labels(fg: np.ndarray) -> np.ndarray:
     return ~outside[background]
 
 
-def _object_boxes(objects: np.ndarray, max_share: float) -> list[tuple[int, tuple[slice, ...]]] | None:
-    """``(label, bounding box grown by one pixel)`` per object, or None if the boxes cover more than
-    ``max_share`` of the array (working object by object would not pay)."""
+def _object_boxes(
+    objects: np.ndarray, max_share: float, skip: np.ndarray | None = None
+) -> list[tuple[int, tuple[slice, ...]]] | None:
+    """``(label, bounding box grown by one pixel)`` per object (but those where ``skip[label]``), or None if the
+    boxes cover more than ``max_share`` of the array (working object by object would not pay)."""
     shape = objects.shape
     boxes = [
         (label, tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, shape)))
         for label, box in enumerate(ndi.find_objects(objects), start=1)
-        if box is not None
+        if box is not None and (skip is None or not skip[label])
     ]
     if sum(int(np.prod([s.stop - s.start for s in box])) for _, box in boxes) > max_share * objects.size:
         return None
@@ -228,8 +230,9 @@ def h_maxima_transform(
     image finds the objects with a single maximum; a profile put the per-object reconstructions at 54% of the
     watershed's time before).
 
-    Falls back to one reconstruction of the whole image where the split would not pay (the objects' boxes cover
-    more than ``max_share`` of it), where it does not hold (``h <= 0``, no background) or without ``components``.
+    Falls back to one reconstruction of the whole image where the split would not pay (the boxes of the objects
+    with several maxima cover more than ``max_share`` of it), where it does not hold (``h <= 0``, no background)
+    or without ``components``.
 
     Args:
         dist: float array, 0 outside ``fg`` and >= 0 everywhere (e.g. a smoothed distance transform).
@@ -237,18 +240,21 @@ def h_maxima_transform(
         fg: boolean foreground, ``dist > 0`` on it.
         components: labels of ``fg``'s connected objects with full connectivity (``ndim``; the reconstruction's
             neighbourhood), 1..N.
-        max_share: largest share of the image the objects' grown boxes may cover for the split.
+        max_share: largest share of the image the grown boxes of the objects with several maxima may cover for
+            the split.
 
     Returns:
         The reconstruction, float64 (the dtype scikit-image returns for float64 input).
     """
     marker = dist - h
-    boxes = None if components is None or h <= 0 or fg.all() else _object_boxes(components, max_share)
+    if components is None or h <= 0 or fg.all():
+        return reconstruction(marker, dist, method="dilation")
+    single = _single_maximum_objects(dist, fg, components)
+    boxes = _object_boxes(components, max_share, skip=single)  # only the objects left to reconstruct
     if boxes is None:
         return reconstruction(marker, dist, method="dilation")
     floor = min(float(marker.max()), 0.0)
     out = np.full(dist.shape, floor, dtype=marker.dtype)
-    single = _single_maximum_objects(dist, fg, components)
     if single.any():
         # One regional maximum: R_C = min(dist, max_C - h) in closed form (see the docstring)
         top = np.zeros(single.size, dtype=dist.dtype)
@@ -256,8 +262,6 @@ def h_maxima_transform(
         where = single[components]
         out[where] = np.maximum(np.minimum(dist[where], top[components[where]] - h), floor)
     for label, box in boxes:
-        if single[label]:
-            continue
         own = components[box] == label
         sub = np.where(own, dist[box], 0.0)
         rec = reconstruction(sub - h, sub, method="dilation")
