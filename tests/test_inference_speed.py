@@ -133,3 +133,48 @@ def test_bundle_outputs_identical_with_and_without_workers(tmp_path, method):
         outputs[name] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
     assert len(outputs["inline"]) == 9
     assert outputs["workers"] == outputs["inline"]
+
+
+@pytest.mark.slow
+def test_bundle_compiled_network_gives_the_eager_outputs(tmp_path):
+    """``--compile_network true`` (MONAI's ``SupervisedEvaluator(compile=True)``, ``torch.compile``) on images of three
+    sizes, whole-image inference (so the compiled graph meets new shapes): probabilities within float tolerance of the
+    eager network's, the same masks."""
+    tifffile = pytest.importorskip("tifffile")
+    from monai.bundle import ConfigParser
+
+    torch.manual_seed(0)
+    torch.save(default_network().state_dict(), tmp_path / "model.pt")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, shape in enumerate(((96, 80), (160, 130), (64, 72))):
+        image, _ = synthetic_nuclei(shape, seed=i)
+        Image.fromarray(image).save(images / f"im{i}.png")
+    for flag, compiled_type in (("false", False), ("true", True)):  # the evaluator only built, not run
+        parser = ConfigParser()
+        parser.read_config(str(REPO / "configs" / "inference.json"))
+        parser["compile_network"] = flag
+        parser["input_dir"] = str(images)
+        net = parser.get_parsed_content("evaluator").network
+        assert isinstance(net, torch._dynamo.eval_frame.OptimizedModule) is compiled_type
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for flag in ("false", "true"):
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json",
+               "--ckpt_path", str(tmp_path / "model.pt"), "--input_dir", str(images), "--output_dir",
+               str(tmp_path / flag), "--infer_whole_image", "true", "--test_time_flips", "false",
+               "--save_probabilities", "true", "--compile_network", flag]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for i in range(3):
+        eager = tifffile.imread(tmp_path / "false" / f"im{i}_prob.tif")
+        compiled = tifffile.imread(tmp_path / "true" / f"im{i}_prob.tif")
+        assert eager.shape == compiled.shape and eager.shape[-2:] == Image.open(images / f"im{i}.png").size[::-1]
+        np.testing.assert_allclose(compiled, eager, atol=1e-5)
+        ambiguous = np.abs(eager - 0.5) < 1e-4  # where rounding may flip the argmax
+        for kind in ("semantic", "instances"):
+            a = np.asarray(Image.open(tmp_path / "false" / f"im{i}_{kind}.png"))
+            b = np.asarray(Image.open(tmp_path / "true" / f"im{i}_{kind}.png"))
+            if kind == "semantic":
+                assert np.array_equal(a[~ambiguous.reshape(a.shape)], b[~ambiguous.reshape(a.shape)])
+            elif not ambiguous.any():
+                assert np.array_equal(a, b)
