@@ -109,27 +109,38 @@ def test_background_postprocessing_zero_workers_is_the_chain():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _model_and_images(root: Path, shapes: tuple[tuple[int, int], ...]) -> Path:
+    """A random-init default network saved as ``root/model.pt`` and one synthetic image per shape in ``root/images``."""
+    torch.manual_seed(0)
+    torch.save(default_network().state_dict(), root / "model.pt")
+    images = root / "images"
+    images.mkdir()
+    for i, shape in enumerate(shapes):
+        image, _ = synthetic_nuclei(shape, seed=i)
+        Image.fromarray(image).save(images / f"im{i}.png")
+    return images
+
+
+def _bundle_inference(root: Path, images: Path, out: Path, *extra: str) -> None:
+    """``monai.bundle run inference`` with ``root/model.pt`` on ``images`` into ``out``, probabilities saved."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json",
+           "--ckpt_path", str(root / "model.pt"), "--input_dir", str(images), "--output_dir", str(out),
+           "--save_probabilities", "true", *extra]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["watershed", "connected"])
 def test_bundle_outputs_identical_with_and_without_workers(tmp_path, method):
-    torch.manual_seed(0)
-    torch.save(default_network().state_dict(), tmp_path / "model.pt")
-    images = tmp_path / "images"
-    images.mkdir()
-    for i, shape in enumerate(((96, 80), (300, 270), (64, 72))):
-        image, _ = synthetic_nuclei(shape, seed=i)
-        Image.fromarray(image).save(images / f"im{i}.png")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    images = _model_and_images(tmp_path, ((96, 80), (300, 270), (64, 72)))
     outputs = {}
     for name, extra in (("inline", ["--postprocessing_workers", "0", "--postprocessing_transforms#3",
                                     "{'_target_': 'AsDiscreted', 'keys': 'pred', 'argmax': True}"]),
                         ("workers", ["--postprocessing_workers", "2"])):
         out = tmp_path / name
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json",
-               "--ckpt_path", str(tmp_path / "model.pt"), "--input_dir", str(images), "--output_dir", str(out),
-               "--instance_method", method, "--save_probabilities", "true", *extra]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        _bundle_inference(tmp_path, images, out, "--instance_method", method, *extra)
         outputs[name] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
     assert len(outputs["inline"]) == 9
     assert outputs["workers"] == outputs["inline"]
@@ -143,13 +154,7 @@ def test_bundle_compiled_network_gives_the_eager_outputs(tmp_path):
     tifffile = pytest.importorskip("tifffile")
     from monai.bundle import ConfigParser
 
-    torch.manual_seed(0)
-    torch.save(default_network().state_dict(), tmp_path / "model.pt")
-    images = tmp_path / "images"
-    images.mkdir()
-    for i, shape in enumerate(((96, 80), (160, 130), (64, 72))):
-        image, _ = synthetic_nuclei(shape, seed=i)
-        Image.fromarray(image).save(images / f"im{i}.png")
+    images = _model_and_images(tmp_path, ((96, 80), (160, 130), (64, 72)))
     for flag, compiled_type in (("false", False), ("true", True)):  # the evaluator only built, not run
         parser = ConfigParser()
         parser.read_config(str(REPO / "configs" / "inference.json"))
@@ -157,14 +162,9 @@ def test_bundle_compiled_network_gives_the_eager_outputs(tmp_path):
         parser["input_dir"] = str(images)
         net = parser.get_parsed_content("evaluator").network
         assert isinstance(net, torch._dynamo.eval_frame.OptimizedModule) is compiled_type
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for flag in ("false", "true"):
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json",
-               "--ckpt_path", str(tmp_path / "model.pt"), "--input_dir", str(images), "--output_dir",
-               str(tmp_path / flag), "--infer_whole_image", "true", "--test_time_flips", "false",
-               "--save_probabilities", "true", "--compile_network", flag]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        _bundle_inference(tmp_path, images, tmp_path / flag, "--infer_whole_image", "true", "--test_time_flips",
+                          "false", "--compile_network", flag)
     for i in range(3):
         eager = tifffile.imread(tmp_path / "false" / f"im{i}_prob.tif")
         compiled = tifffile.imread(tmp_path / "true" / f"im{i}_prob.tif")
