@@ -338,9 +338,10 @@ class BackgroundPostprocessing:
     MONAI's engines apply ``postprocessing`` to each item inside the iteration, so the network waits while the
     instances are computed and the files written. One worker process overlaps the two; ``configs/inference.json``
     uses one (``postprocessing_workers: 1``): on 2 idle CPU cores with watershed instances, 200 images of 256x256
-    without test-time flips took 5.6 s against 7.9 s inline, 59 of 520x696 8.4 against 11.0 s, and with the default
-    four flips 19.0 against 18.6 s (level) and 37.9 against 41.6 s (``benchmarks/results/inference_throughput.md``,
-    one run per figure; an earlier run of the same file: 6.1 / 8.9, 7.5 / 10.7, 16.6 / 18.3, 37.1 / 43.5 s). On
+    without test-time flips took 4.7 s against 6.6 s inline, 59 of 520x696 7.4 against 9.4 s, and with the default
+    four flips 14.6 against 16.3 s and 34.9 against 38.9 s (``benchmarks/results/inference_throughput.md``, one run
+    per figure; earlier runs of the same file, before the faster mask writing: 5.6 / 7.9, 8.4 / 11.0, 19.0 / 18.6,
+    37.9 / 41.6 s and 6.1 / 8.9, 7.5 / 10.7, 16.6 / 18.3, 37.1 / 43.5 s). On
     cores other jobs already half filled it was within the noise with the flips and up to 30% slower without them
     (``benchmarks/results/archive/inference_throughput_contended.md``).
 
