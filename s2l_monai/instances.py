@@ -439,7 +439,12 @@ class Instancesd(MapTransform):
         arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
         if arr.ndim < 3:
             raise ValueError(f"expected channel-first data (1HW or CHW), got shape {arr.shape}")
-        if arr.shape[0] >= 2:
+        if arr.shape[0] == 2:
+            # np.argmax(arr, axis=0) == 1 (ties to channel 0, the first NaN wins) by two comparisons: np.argmax
+            # over the short leading axis took 0.74 ms per 2x256x256 map, five times this
+            background, foreground = arr[0], arr[1]
+            return (background == background) & ~(background >= foreground)
+        if arr.shape[0] > 2:
             return np.argmax(arr, axis=0) == 1
         return binarise(arr[0], self.threshold)
 

@@ -9,9 +9,11 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor, get_track_meta
-from monai.transforms import MapTransform, ScaleIntensityRangePercentiles
+from monai.transforms import MapTransform, ScaleIntensityRange, ScaleIntensityRangePercentiles
 from monai.transforms import ScaleIntensityRangePercentilesd as _MonaiScaleIntensityRangePercentilesd
 from monai.transforms.traits import RandomizableTrait
+from monai.transforms.utils_pytorch_numpy_unification import percentile
+from monai.utils import convert_to_tensor
 
 from s2l_monai.ensemble import EMAStore
 
@@ -48,6 +50,8 @@ class ReplaceNonFinited(MapTransform):
             image = torch.as_tensor(d[key])
             if not torch.is_floating_point(image):
                 continue  # integer images hold no NaN
+            if bool(torch.isfinite(image.sum())):
+                continue  # a NaN or infinity makes the sum non-finite (0.1 of the cost of a mask of every pixel)
             finite = torch.isfinite(image)
             if bool(finite.all()):
                 continue
@@ -66,16 +70,28 @@ class SelectPercentiles(ScaleIntensityRangePercentiles):
     ``np.percentile`` (introselect, the same linear interpolation) for NumPy arrays and above 10^6 elements.
     Profiled on idle cores (200 images of 256x256, no flips, whole-image inference, watershed instances): the two
     sorts took 7.5 ms per image, 11.5% of the end-to-end time. Handing MONAI's own normalisation a NumPy view of the
-    channel takes it down its ``np.percentile`` path; everything else (relative ranges, clipping, dtype) is MONAI's.
-    Integer channels are handed over as float32: MONAI casts a NumPy percentile to the input's dtype, which would
-    truncate it for integer images (the tensor path refuses them).
+    channel takes it down its ``np.percentile`` path, and both percentiles come from one call (one selection pass
+    for the two: 1.5 against 2.6 ms per 256x256 channel, measured beside a training); the rest (relative ranges,
+    clipping, dtype) is MONAI's ``ScaleIntensityRange`` as MONAI's ``_normalize`` calls it (same values, bit for bit:
+    ``tests/test_transforms.py``). Integer channels are handed over as float32: MONAI casts a NumPy percentile to
+    the input's dtype, which would truncate it for integer images (the tensor path refuses them).
     """
 
     def _normalize(self, img: Any) -> Any:
         array = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
         if not np.issubdtype(array.dtype, np.floating):
             array = array.astype(np.float32)
-        return super()._normalize(array)
+        # MONAI's _normalize (monai 1.6), its two percentile calls made one
+        a_min, a_max = (np.asarray(v) for v in percentile(array, [self.lower, self.upper]))
+        b_min, b_max = self.b_min, self.b_max
+        if self.relative:
+            if (self.b_min is None) or (self.b_max is None):
+                raise ValueError("If it is relative, b_min and b_max should not be None.")
+            b_min = ((self.b_max - self.b_min) * (self.lower / 100.0)) + self.b_min
+            b_max = ((self.b_max - self.b_min) * (self.upper / 100.0)) + self.b_min
+        scaled = ScaleIntensityRange(a_min=a_min, a_max=a_max, b_min=b_min, b_max=b_max, clip=self.clip,
+                                     dtype=self.dtype)(array)
+        return convert_to_tensor(scaled, track_meta=False)
 
 
 class ScaleIntensityRangePercentilesd(_MonaiScaleIntensityRangePercentilesd):

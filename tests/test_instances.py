@@ -132,6 +132,23 @@ def test_instancesd_binary_and_softmax_inputs() -> None:
     assert int(conn["pred"].max()) == 1 and conn["pred"].dtype == torch.int32
 
 
+@pytest.mark.parametrize("channels", [2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint8, bool])
+def test_instancesd_foreground_is_argmax_one(channels, dtype) -> None:
+    """The foreground of a C-channel map is np.argmax(axis=0) == 1, ties (to the first channel) and NaN (the first
+    NaN wins) included."""
+    rng = np.random.default_rng(channels)
+    maps = (rng.random((channels, 40, 50)) * 3).astype(dtype)
+    if np.issubdtype(maps.dtype, np.floating):
+        maps[rng.random(maps.shape) < 0.1] = np.nan
+    maps[:, 5:9] = maps[:1, 5:9]  # ties across every channel
+    maps[1, 20:22] = maps[0, 20:22]  # ties of channels 0 and 1 only
+    step = Instancesd(keys="pred", method="connected", min_size=1)
+    expected = np.argmax(maps, axis=0) == 1
+    for value in (maps, torch.as_tensor(maps)):
+        assert np.array_equal(step._foreground(value), expected)
+
+
 def test_instancesd_in_compose_keeps_meta() -> None:
     m = _two_touching_discs()
     img = MetaTensor(torch.as_tensor(m[None], dtype=torch.float32), meta={"filename_or_obj": "x.png"})

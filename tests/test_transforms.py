@@ -200,3 +200,34 @@ def test_percentile_scaling_by_selection_hand_computed():
     np.testing.assert_allclose(np.asarray(out), expected, atol=1e-6)
     uint8 = ScaleIntensityRangePercentilesd("image", 1, 99, 0.0, 1.0, clip=True)({"image": image.to(torch.uint8)})
     np.testing.assert_allclose(np.asarray(uint8["image"]), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_percentile_scaling_in_one_call_equals_monai_numpy_path_bit_for_bit(relative):
+    """Both percentiles from one ``np.percentile`` call give exactly MONAI's NumPy-path values (two calls)."""
+    from monai.transforms import ScaleIntensityRangePercentilesd as MonaiScale
+
+    from s2l_monai.transforms import ScaleIntensityRangePercentilesd
+
+    image = (np.random.default_rng(5).random((3, 61, 47)) * 4000).astype(np.float32)
+    for kwargs in ({"channel_wise": True}, {"channel_wise": False, "clip": True}):
+        args = ("image", 2.5, 97.0, -1.0, 2.0)
+        ours = ScaleIntensityRangePercentilesd(*args, relative=relative, **kwargs)({"image": image})["image"]
+        theirs = MonaiScale(*args, relative=relative, **kwargs)({"image": image})["image"]  # NumPy in: np.percentile
+        assert ours.dtype == theirs.dtype and np.asarray(ours).tobytes() == np.asarray(theirs).tobytes()
+
+
+def test_replace_non_finite_skips_finite_images_and_catches_an_overflowing_sum():
+    """A finite image whose sum overflows (float32 near its maximum, float16 above 65504) is left as it is; one NaN
+    among such values is still replaced by the channel's finite median."""
+    from s2l_monai.transforms import ReplaceNonFinited
+
+    step = ReplaceNonFinited("image")
+    big = torch.full((1, 8, 8), 3e38)
+    assert not torch.isfinite(big.sum()) and torch.equal(step({"image": big})["image"], big)
+    half = torch.full((1, 16, 16), 60000.0, dtype=torch.float16)
+    assert torch.equal(step({"image": half})["image"], half)
+    bad = big.clone()
+    bad[0, 2, 3] = float("nan")
+    fixed = step({"image": bad})["image"]
+    assert torch.isfinite(fixed).all() and float(fixed[0, 2, 3]) == pytest.approx(3e38, rel=1e-6)
