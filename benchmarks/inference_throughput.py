@@ -110,9 +110,19 @@ def trained_model(work: Path, steps: int) -> Path:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def use_checkout(repo: Path) -> None:
+    """Put ``repo`` first on ``sys.path``, so that ``s2l_monai`` comes from that checkout (a ``NAME@CHECKOUT``
+    variant) rather than from this script's repository, which the module put first for ``benchmarks.common``."""
+    loaded = sys.modules.get("s2l_monai")
+    if loaded is not None and not str(Path(loaded.__file__ or "").resolve()).startswith(str(repo.resolve())):
+        raise RuntimeError(f"s2l_monai is already imported from {loaded.__file__}, not from {repo}")
+    sys.path.insert(0, str(repo))
+
+
 def child(spec: dict[str, Any]) -> None:
     """Run ``configs/inference.json`` as ``monai.bundle run inference`` does, timing ``evaluator.run()``; then
     the network alone on the preprocessed images. Writes ``spec["result"]`` (JSON)."""
+    use_checkout(Path(spec["repo"]))
     import torch
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow

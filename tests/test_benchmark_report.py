@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -524,3 +525,19 @@ def test_analysis_reads_the_default_profile_runs(tmp_path: Path) -> None:
     row = dsb_analysis.prior_row("s2l (seed 0)", {"items": 200, "scribble_foreground_share": 0.36,
                                                   "image_foreground_share": 0.141, "class_weights": [3.4, 1.0]}, 0.14)
     assert row == ["s2l (seed 0)", 200, "0.360", "0.141", "0.140", "[3.4, 1]"]
+
+
+def test_inference_throughput_child_imports_s2l_monai_from_the_variants_checkout(tmp_path):
+    """A ``NAME@CHECKOUT`` variant runs that checkout's ``s2l_monai``, not the one of the script's repository (the
+    module puts its own repository first on ``sys.path`` for ``benchmarks.common``)."""
+    checkout = tmp_path / "old"
+    (checkout / "s2l_monai").mkdir(parents=True)
+    (checkout / "s2l_monai" / "__init__.py").write_text("MARK = 'old checkout'\n")
+    code = (
+        "import sys; from pathlib import Path; sys.argv = ['x']\n"
+        "import benchmarks.inference_throughput as it\n"
+        f"it.use_checkout(Path({str(checkout)!r}))\n"
+        "import s2l_monai; print(getattr(s2l_monai, 'MARK', s2l_monai.__file__))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "old checkout"
