@@ -34,6 +34,7 @@ __all__ = [
     "connected_instances",
     "distance_transform",
     "fill_holes_by_labels",
+    "h_maxima_seeds",
     "h_maxima_transform",
     "instances_from_mask",
     "second_channel_wins",
@@ -203,12 +204,23 @@ def distance_transform(fg: np.ndarray, objects: np.ndarray | None = None, max_sh
     return out
 
 
-def _single_maximum_objects(dist: np.ndarray, fg: np.ndarray, components: np.ndarray) -> np.ndarray:
-    """``single[label]``: whether object ``label`` of ``components`` holds exactly one regional maximum of ``dist``
-    (plateaus count once; full connectivity, the reconstruction's neighbourhood). Index 0 (background) is False."""
+def _regional_maxima(dist: np.ndarray, fg: np.ndarray) -> tuple[np.ndarray, int]:
+    """Labels ``1..n`` of the regional maxima (plateaus) of ``dist`` on ``fg``, full connectivity (the
+    reconstruction's neighbourhood), and ``n``."""
     full = np.ones((3,) * dist.ndim, dtype=bool)
     peaks = local_maxima(dist, connectivity=dist.ndim, allow_borders=True) & fg
     peak_labels, n_peaks = ndi.label(peaks, structure=full)
+    return peak_labels, int(n_peaks)
+
+
+def _single_maximum_objects(
+    dist: np.ndarray, fg: np.ndarray, components: np.ndarray, maxima: tuple[np.ndarray, int] | None = None
+) -> np.ndarray:
+    """``single[label]``: whether object ``label`` of ``components`` holds exactly one regional maximum of ``dist``
+    (plateaus count once; full connectivity, the reconstruction's neighbourhood). Index 0 (background) is False.
+    ``maxima``: :func:`_regional_maxima` of ``dist``, where already computed."""
+    peak_labels, n_peaks = _regional_maxima(dist, fg) if maxima is None else maxima
+    peaks = peak_labels > 0
     owner = np.zeros(n_peaks + 1, dtype=np.int64)
     owner[peak_labels[peaks]] = components[peaks]  # a plateau lies in one object: both use full connectivity
     counts = np.bincount(owner[1:], minlength=int(components.max()) + 1)
@@ -279,6 +291,91 @@ def h_maxima_transform(
         rec = reconstruction(sub - h, sub, method="dilation")
         out[box][own] = np.maximum(rec[own], floor)
     return out
+
+
+def h_maxima_seeds(dist: np.ndarray, h: float, fg: np.ndarray, components: np.ndarray) -> np.ndarray | None:
+    """``local_maxima(h_maxima_transform(dist, h, fg, components), connectivity=ndim, allow_borders=True) & fg``,
+    the h-maxima markers, without computing the reconstruction; None where that shortcut does not hold.
+
+    The regional maxima of the reconstruction ``R`` of ``f - h`` under ``f`` (``f = dist``) are known in closed form
+    (Soille 2003, sect. 6.3.4: they are the maxima of dynamic above ``h``), and a profile put the reconstructions of
+    the objects with several maxima at 35% of the watershed's time on 256x256 nuclei (0.75 ms each, scikit-image
+    sorting every pixel of the object twice), where one labelling of a level set costs a few microseconds:
+
+    * For a regional maximum ``P`` of ``f`` (a plateau of value ``m``), let ``v = m - h`` (the float the marker
+      holds) and ``K`` the connected component of ``{f >= v}`` that holds ``P``. If no pixel of ``K`` has a
+      marker above ``v`` (``max_K f - h == v``), ``R = v`` on all of ``K`` (a path from ``P`` stays at or above
+      ``v``; a path from a seed outside ``K`` leaves it through a pixel below ``v``) and ``R < v`` on ``K``'s
+      rim: ``K`` is a regional maximum of ``R``. Otherwise ``R`` exceeds ``v`` somewhere in ``K`` and ``P`` gives
+      no marker.
+    * Every regional maximum of ``R`` is such a ``K``: its value is the marker of some seed (a value of ``f`` on
+      a path would connect it, at or above that value, to a higher seed), and climbing from that seed to a
+      regional maximum of ``f`` cannot raise the marker without making the plateau not maximal.
+    * An object with one regional maximum ``M_C`` has ``K = {p in C: f(p) >= M_C - h}`` (an upper level set's
+      every component holds a regional maximum, so this one is connected), kept where ``M_C - h > 0``.
+    * ``R`` is clipped at ``min(max f - h, 0)`` (:func:`h_maxima_transform`). With ``max f - h > 0`` that floor is
+      0, markers ``v <= 0`` merge into the one plateau of zeros, and that plateau touches some ``K`` and is no
+      maximum. The other cases (``max f - h <= 0``) return None, as do non-finite inputs.
+
+    ``tests/test_instances.py`` compares the markers with scikit-image's reconstruction and ``local_maxima`` on
+    random masks in 2D and 3D.
+
+    Args:
+        dist: float array, 0 outside ``fg`` and > 0 on it (e.g. a smoothed distance transform).
+        h: the dynamic, > 0.
+        fg: boolean foreground.
+        components: labels of ``fg``'s connected objects with full connectivity (``ndim``), 1..N.
+
+    Returns:
+        Boolean markers of ``dist``'s shape, or None where the caller must take the reconstruction.
+    """
+    if h <= 0 or fg.all() or not fg.any():
+        return None
+    top_marker = float(dist.max()) - h
+    if not top_marker > 0 or not np.isfinite(top_marker):
+        return None
+    maxima = _regional_maxima(dist, fg)
+    peak_labels, n_peaks = maxima
+    single = _single_maximum_objects(dist, fg, components, maxima)
+    # objects with one maximum: K = {f >= M_C - h} on the object, where M_C - h > 0
+    top = np.zeros(single.size, dtype=dist.dtype)
+    np.maximum.at(top, components[fg], dist[fg])  # per-object maxima (scipy's ndimage.maximum sorts the labels)
+    level = top - h  # the markers' own arithmetic: dist - h, elementwise, in dist's dtype
+    keep = single & (level > 0)
+    seeds = fg & keep[components] & (dist >= level[components])
+    if single[1:].all():
+        return seeds
+    # objects with several maxima: one labelling of {f >= v} per distinct level v of their maxima
+    full = np.ones((3,) * dist.ndim, dtype=bool)
+    where = np.flatnonzero(peak_labels.ravel())
+    plateau = peak_labels.ravel()[where]
+    first = np.unique(plateau, return_index=True)[1]  # one pixel per plateau (its values are equal)
+    rep = where[first]
+    owner = components.ravel()[rep]
+    multi = ~single[owner]
+    rep, owner = rep[multi], owner[multi]
+    boxes = ndi.find_objects(components)
+    for label in np.unique(owner):
+        box = tuple(slice(s.start, s.stop) for s in boxes[label - 1])
+        sub = np.where(components[box] == label, dist[box], 0)
+        corner = np.array([s.start for s in box])
+        local = np.unravel_index(rep[owner == label], dist.shape)
+        points = [tuple(int(c) - int(o) for c, o in zip(p, corner)) for p in zip(*local)]
+        levels = [sub[p] - h for p in points]
+        done: set[tuple[float, int]] = set()
+        for v in sorted(set(levels), reverse=True):
+            if not v > 0:
+                break
+            lab, _ = ndi.label(sub >= v, structure=full)
+            for p, pv in zip(points, levels):
+                k = int(lab[p])
+                if pv != v or (v, k) in done:
+                    continue
+                done.add((v, k))
+                comp = lab == k
+                if sub[comp].max() - h == v:  # no higher marker in K: K is a regional maximum of R
+                    seeds[box] |= comp
+    return seeds
 
 
 def watershed_instances(
@@ -352,8 +449,10 @@ def watershed_instances(
         # sect. 6.3.4); markers are its regional maxima. Not ``skimage.morphology.h_maxima``: that one thresholds
         # the residue f - HMAX_h(f) and returns two markers for two equal-height peaks separated by a tiny dip,
         # which over-segments elongated nuclei whose pixelated ridge has twin maxima.
-        hmax = h_maxima_transform(dist, h, fg, objects)
-        seeds = local_maxima(hmax, connectivity=conn, allow_borders=True) & fg
+        seeds = h_maxima_seeds(dist, h, fg, objects) if conn == fg.ndim else None
+        if seeds is None:
+            hmax = h_maxima_transform(dist, h, fg, objects)
+            seeds = local_maxima(hmax, connectivity=conn, allow_borders=True) & fg
     else:
         coords = peak_local_max(dist, min_distance=int(min_distance), labels=components, exclude_border=False)
         seeds = np.zeros(fg.shape, dtype=bool)

@@ -237,6 +237,68 @@ def test_single_maximum_objects_and_their_closed_form(monkeypatch) -> None:
         assert np.array_equal(got, reconstruction(dist - h, dist, method="dilation"))
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("density", [0.03, 0.15, 0.4, 0.7])
+@pytest.mark.parametrize(("h", "sigma"), [(1.0, 1.0), (0.5, 0.0), (2.0, 1.0), (6.0, 0.0)])
+def test_h_maxima_seeds_equal_maxima_of_the_reconstruction(seed: int, density: float, h: float, sigma: float) -> None:
+    """The markers in closed form are the regional maxima of scikit-image's reconstruction, pixel for pixel."""
+    from scipy import ndimage as ndi
+    from skimage.measure import label
+    from skimage.morphology import local_maxima, reconstruction
+
+    from s2l_monai.instances import h_maxima_seeds
+
+    for shape in ((97, 131), (14, 40, 37)):
+        fg = _blobs(shape, density, seed)
+        dist = ndi.distance_transform_edt(fg)
+        if sigma:
+            dist = ndi.gaussian_filter(dist, sigma)
+            dist[~fg] = 0.0
+        rec = reconstruction(dist - h, dist, method="dilation")
+        expected = local_maxima(rec, connectivity=fg.ndim, allow_borders=True) & fg
+        got = h_maxima_seeds(dist, h, fg, label(fg, connectivity=fg.ndim))
+        if dist.max() - h <= 0:
+            assert got is None
+            continue
+        assert got is not None and np.array_equal(got, expected), (shape, np.count_nonzero(got != expected))
+
+
+def test_h_maxima_seeds_hand_made() -> None:
+    """Two discs of radius 6 joined by a neck of half-width 1 (dynamic 5), a rectangle (one plateau maximum) and
+    a pixel: markers per object, by h; None where the reconstruction is all floor."""
+    from scipy import ndimage as ndi
+    from skimage.measure import label
+
+    from s2l_monai.instances import h_maxima_seeds
+
+    yy, xx = np.mgrid[:40, :60]
+    fg = ((yy - 20) ** 2 + (xx - 12) ** 2 <= 36) | ((yy - 20) ** 2 + (xx - 30) ** 2 <= 36)
+    fg[19:22, 17:26] = True
+    fg[2:7, 2:11] = True  # 5x9: distance 3 on its middle row
+    fg[35, 50] = True
+    dist = ndi.distance_transform_edt(fg)
+    components = label(fg, connectivity=2)
+    discs, rect, pixel = components[20, 12], components[4, 6], components[35, 50]
+
+    def markers(h: float) -> dict[int, int]:
+        seeds = h_maxima_seeds(dist, h, fg, components)
+        assert seeds is not None
+        lab = label(seeds, connectivity=2)
+        return {c: len(np.unique(lab[(components == c) & seeds])) for c in (discs, rect, pixel)}
+
+    assert markers(0.5) == {discs: 2, rect: 1, pixel: 1}  # every maximum above h: the pixel's is 1
+    assert markers(2.5) == {discs: 2, rect: 1, pixel: 0}  # the pixel's 1 - 2.5 < 0: merged into the floor
+    assert markers(5.5) == {discs: 1, rect: 0, pixel: 0}  # dynamic 5 < h: the two discs give one marker
+    seeds = h_maxima_seeds(dist, 5.5, fg, components)
+    on_discs = components == discs  # their one marker is K = {f >= max - 5.5}, joined through the neck (f = 2)
+    level = dist[on_discs].max() - 5.5
+    assert seeds is not None and np.array_equal(seeds & on_discs, (dist >= level) & on_discs)
+    assert seeds[20, 20] and label(seeds & on_discs, connectivity=2).max() == 1
+    assert h_maxima_seeds(dist, 7.0, fg, components) is None  # max f - h = 0: the caller reconstructs
+    assert h_maxima_seeds(dist, 0.0, fg, components) is None
+    assert h_maxima_seeds(np.zeros((5, 5)), 1.0, np.zeros((5, 5), bool), np.zeros((5, 5), int)) is None
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("kwargs", [{}, {"fill_holes": False}, {"h": 5.0}, {"connectivity": 1}, {"sigma": 0.0}])
 def test_watershed_instances_unchanged_by_per_object_reconstruction(monkeypatch, seed: int, kwargs: dict) -> None:
@@ -249,6 +311,7 @@ def test_watershed_instances_unchanged_by_per_object_reconstruction(monkeypatch,
     from scipy import ndimage as ndi
 
     # the algorithm as it was: SciPy's hole filling and distance transform, scikit-image's reconstruction
+    monkeypatch.setattr(inst, "h_maxima_seeds", lambda dist, h, fg, components: None)
     monkeypatch.setattr(inst, "h_maxima_transform",
                         lambda dist, h, fg, components=None: reconstruction(dist - h, dist, method="dilation"))
     monkeypatch.setattr(inst, "distance_transform", lambda fg, objects=None: ndi.distance_transform_edt(fg))
