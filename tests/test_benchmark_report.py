@@ -543,3 +543,15 @@ def test_inference_throughput_child_imports_s2l_monai_from_the_variants_checkout
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "old checkout"
+
+
+def test_inference_throughput_child_env_wait_policy(tmp_path, monkeypatch):
+    """PASSIVE by default; 'default' removes the variable (OpenMP's own spinning, as a user runs it), even where the
+    benchmark's own environment sets it."""
+    import benchmarks.inference_throughput as it
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert it.child_env(tmp_path)["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert it.child_env(tmp_path, "ACTIVE")["OMP_WAIT_POLICY"] == "ACTIVE"
+    env = it.child_env(tmp_path, "default")
+    assert "OMP_WAIT_POLICY" not in env and env["PYTHONPATH"] == str(tmp_path)
