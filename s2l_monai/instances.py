@@ -293,7 +293,9 @@ def h_maxima_transform(
     return out
 
 
-def h_maxima_seeds(dist: np.ndarray, h: float, fg: np.ndarray, components: np.ndarray) -> np.ndarray | None:
+def h_maxima_seeds(
+    dist: np.ndarray, h: float, fg: np.ndarray, components: np.ndarray, max_levels: int = 16
+) -> np.ndarray | None:
     """``local_maxima(h_maxima_transform(dist, h, fg, components), connectivity=ndim, allow_borders=True) & fg``,
     the h-maxima markers, without computing the reconstruction; None where that shortcut does not hold.
 
@@ -325,6 +327,9 @@ def h_maxima_seeds(dist: np.ndarray, h: float, fg: np.ndarray, components: np.nd
         h: the dynamic, > 0.
         fg: boolean foreground.
         components: labels of ``fg``'s connected objects with full connectivity (``ndim``), 1..N.
+        max_levels: an object whose maxima have more distinct positive markers than this takes one
+            reconstruction of its box instead of a labelling per level (large objects with hundreds of maxima,
+            e.g. unsmoothed distances of big blobs, where the labellings cost more).
 
     Returns:
         Boolean markers of ``dist``'s shape, or None where the caller must take the reconstruction.
@@ -356,25 +361,29 @@ def h_maxima_seeds(dist: np.ndarray, h: float, fg: np.ndarray, components: np.nd
     rep, owner = rep[multi], owner[multi]
     boxes = ndi.find_objects(components)
     for label in np.unique(owner):
-        box = tuple(slice(s.start, s.stop) for s in boxes[label - 1])
+        box = boxes[label - 1]
         sub = np.where(components[box] == label, dist[box], 0)
-        corner = np.array([s.start for s in box])
-        local = np.unravel_index(rep[owner == label], dist.shape)
-        points = [tuple(int(c) - int(o) for c, o in zip(p, corner)) for p in zip(*local)]
-        levels = [sub[p] - h for p in points]
-        done: set[tuple[float, int]] = set()
-        for v in sorted(set(levels), reverse=True):
-            if not v > 0:
-                break
-            lab, _ = ndi.label(sub >= v, structure=full)
-            for p, pv in zip(points, levels):
-                k = int(lab[p])
-                if pv != v or (v, k) in done:
-                    continue
-                done.add((v, k))
-                comp = lab == k
-                if sub[comp].max() - h == v:  # no higher marker in K: K is a regional maximum of R
-                    seeds[box] |= comp
+        points = tuple(c - s.start for c, s in zip(np.unravel_index(rep[owner == label], dist.shape), box))
+        marks = sub[points] - h  # each maximum's marker, the reconstruction's own arithmetic
+        levels = np.unique(marks[marks > 0])[::-1]
+        if levels.size > max_levels:
+            # many levels: one reconstruction of the object (grown box, as in h_maxima_transform) costs less
+            grown = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, dist.shape))
+            own = components[grown] == label
+            sub = np.where(own, dist[grown], 0.0)
+            rec = np.maximum(reconstruction(sub - h, sub, method="dilation"), 0.0)  # the floor is 0 here
+            rec[~own] = 0.0
+            seeds[grown] |= local_maxima(rec, connectivity=dist.ndim, allow_borders=True) & (rec > 0)
+            continue
+        for v in levels:
+            lab = ndi.label(sub >= v, structure=full)[0]
+            comp = lab[points]  # the component K of {f >= v} each maximum lies in (0: below v)
+            # the top of f over K is one of its regional maxima, so K holds a higher marker iff one of them has it
+            top = np.full(int(comp.max()) + 1, -np.inf)
+            np.maximum.at(top, comp, marks)
+            accepted = np.unique(comp[(marks == v) & (top[comp] == v)])
+            if accepted.size:
+                seeds[box] |= np.isin(lab, accepted)
     return seeds
 
 

@@ -241,7 +241,8 @@ def test_single_maximum_objects_and_their_closed_form(monkeypatch) -> None:
 @pytest.mark.parametrize("density", [0.03, 0.15, 0.4, 0.7])
 @pytest.mark.parametrize(("h", "sigma"), [(1.0, 1.0), (0.5, 0.0), (2.0, 1.0), (6.0, 0.0)])
 def test_h_maxima_seeds_equal_maxima_of_the_reconstruction(seed: int, density: float, h: float, sigma: float) -> None:
-    """The markers in closed form are the regional maxima of scikit-image's reconstruction, pixel for pixel."""
+    """The markers in closed form (or by one reconstruction per object with many levels) are the regional maxima
+    of scikit-image's reconstruction, pixel for pixel."""
     from scipy import ndimage as ndi
     from skimage.measure import label
     from skimage.morphology import local_maxima, reconstruction
@@ -256,11 +257,13 @@ def test_h_maxima_seeds_equal_maxima_of_the_reconstruction(seed: int, density: f
             dist[~fg] = 0.0
         rec = reconstruction(dist - h, dist, method="dilation")
         expected = local_maxima(rec, connectivity=fg.ndim, allow_borders=True) & fg
-        got = h_maxima_seeds(dist, h, fg, label(fg, connectivity=fg.ndim))
-        if dist.max() - h <= 0:
-            assert got is None
-            continue
-        assert got is not None and np.array_equal(got, expected), (shape, np.count_nonzero(got != expected))
+        for max_levels in (16, 0):  # a labelling per level; every object by one reconstruction of its box
+            got = h_maxima_seeds(dist, h, fg, label(fg, connectivity=fg.ndim), max_levels=max_levels)
+            if dist.max() - h <= 0:
+                assert got is None
+                continue
+            assert got is not None
+            assert np.array_equal(got, expected), (shape, max_levels, np.count_nonzero(got != expected))
 
 
 def test_h_maxima_seeds_hand_made() -> None:
