@@ -175,22 +175,30 @@ def _blobs(shape: tuple[int, ...], density: float, seed: int) -> np.ndarray:
     return noise > np.quantile(noise, 1.0 - density)
 
 
+def _blob_distance(shape: tuple[int, ...], density: float, seed: int, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_blobs` and their distance transform, smoothed by ``sigma`` (0: none) and 0 outside the blobs, as the
+    watershed computes it."""
+    from scipy import ndimage as ndi
+
+    fg = _blobs(shape, density, seed)
+    dist = ndi.distance_transform_edt(fg)
+    if sigma:
+        dist = ndi.gaussian_filter(dist, sigma)
+        dist[~fg] = 0.0
+    return fg, dist
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("density", [0.03, 0.15, 0.4])
 @pytest.mark.parametrize(("h", "sigma"), [(2.0, 1.0), (0.5, 0.0), (6.0, 1.0)])
 def test_h_maxima_transform_equals_skimage_reconstruction(seed: int, density: float, h: float, sigma: float) -> None:
-    from scipy import ndimage as ndi
     from skimage.measure import label
     from skimage.morphology import reconstruction
 
     from s2l_monai.instances import h_maxima_transform
 
     for shape in ((97, 131), (14, 40, 37)):
-        fg = _blobs(shape, density, seed)
-        dist = ndi.distance_transform_edt(fg)
-        if sigma:
-            dist = ndi.gaussian_filter(dist, sigma)
-            dist[~fg] = 0.0
+        fg, dist = _blob_distance(shape, density, seed, sigma)
         expected = reconstruction(dist - h, dist, method="dilation")
         components = label(fg, connectivity=fg.ndim)
         for share in (1.0, 0.5, 0.0):  # always split, the default, split only where no object has two maxima
@@ -243,18 +251,13 @@ def test_single_maximum_objects_and_their_closed_form(monkeypatch) -> None:
 def test_h_maxima_seeds_equal_maxima_of_the_reconstruction(seed: int, density: float, h: float, sigma: float) -> None:
     """The markers in closed form (or by one reconstruction per object with many levels) are the regional maxima
     of scikit-image's reconstruction, pixel for pixel."""
-    from scipy import ndimage as ndi
     from skimage.measure import label
     from skimage.morphology import local_maxima, reconstruction
 
     from s2l_monai.instances import h_maxima_seeds
 
     for shape in ((97, 131), (14, 40, 37)):
-        fg = _blobs(shape, density, seed)
-        dist = ndi.distance_transform_edt(fg)
-        if sigma:
-            dist = ndi.gaussian_filter(dist, sigma)
-            dist[~fg] = 0.0
+        fg, dist = _blob_distance(shape, density, seed, sigma)
         rec = reconstruction(dist - h, dist, method="dilation")
         expected = local_maxima(rec, connectivity=fg.ndim, allow_borders=True) & fg
         for max_levels in (16, 0):  # a labelling per level; every object by one reconstruction of its box
