@@ -74,11 +74,12 @@ PAPER_SHORT_PROFILE: dict[str, Any] = {
 #: L_up weighted by the estimated class weights (``pseudo_class_weights "auto"``, until 2026-12-03), the records of
 #: the methods that have an L_up (Scribble2Label, Pseudo-label); pCE, rLoss and Full have none, so their default
 #: records stand as they are. ``default-1200``: the default with 1200 optimiser steps (until 2026-12-03), every
-#: method's records. All of them ran 1200 steps, so each carries that budget. ``default-lam05``: the default with
-#: ``lambda_up 0.5`` (the paper's L_up weight; the default until 2026-12-05), the records of the methods that have an
-#: L_up (Scribble2Label, Pseudo-label, S2L from the zoo weights); 2400 steps like the default.
+#: method's records. All of them ran 1200 steps, so each carries that budget. ``default-lam1``: the default with
+#: ``lambda_up 1.0`` (the default on 2026-12-05 until bright-field validation showed its cost), the records of the
+#: methods that have an L_up (Scribble2Label, Pseudo-label, S2L from the zoo weights); 2400 steps like the default;
+#: they are in ``results/archive/dsb_default_lam1.json``.
 S1200_PROFILE: dict[str, Any] = {"max_steps": 1200}
-LAM05_PROFILE: dict[str, Any] = {"lambda_up": 0.5}
+LAM1_PROFILE: dict[str, Any] = {"lambda_up": 1.0}
 NOCRF_PROFILE: dict[str, Any] = {**S1200_PROFILE, "crf_weight": 0.0, "batch_size": 16}
 B16_PROFILE: dict[str, Any] = {**S1200_PROFILE, "batch_size": 16}
 PCW_PROFILE: dict[str, Any] = {**S1200_PROFILE, "pseudo_class_weights": "auto"}
@@ -88,7 +89,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default-b16": B16_PROFILE,
     "default-pcw": PCW_PROFILE,
     "default-1200": S1200_PROFILE,
-    "default-lam05": LAM05_PROFILE,
+    "default-lam1": LAM1_PROFILE,
     "paper": PAPER_PROFILE,
     "paper-short": PAPER_SHORT_PROFILE,
     "paper-short-balanced": {**PAPER_SHORT_PROFILE, "class_weights": [3.0, 1.0], "pseudo_class_weights": [3.0, 1.0],
@@ -107,9 +108,8 @@ PROFILE_NOTES: dict[str, str] = {
                    " measured with it, to be replaced by the default's",
     "default-1200": "the default recipe with 1200 optimiser steps (`max_steps 1200`, the default until 2026-12-03);"
                     " rows measured with it, to be replaced by the default's",
-    "default-lam05": "the default recipe with the paper's pseudo-label weight `lambda_up 0.5` (the default until"
-                     " 2026-12-05); Scribble2Label and Pseudo-label rows measured with it, to be replaced by the"
-                     " default's",
+    "default-lam1": "the default recipe with the pseudo-label weight `lambda_up 1.0` (the default on 2026-12-05,"
+                    " retired for its cost on bright-field); Scribble2Label and Pseudo-label rows measured with it",
     "paper": "configs/train.json + configs/paper.json, the authors' recipe (GPU)",
     "paper-short": "configs/paper.json (the authors' network, crops, batch, optimiser and tau/alpha/gamma) on 100"
                    " epochs with 30 of warm-up instead of 300/100 (`PAPER_SHORT_PROFILE` in dsb.py), for a GPU",
@@ -120,14 +120,14 @@ PROFILE_NOTES: dict[str, str] = {
 #: a record measured on a lent GPU machine keeps its quality figures, not its times (``em.py`` shares
 #: :func:`_gpu_note`).
 SAME_RECIPE_PROFILES: tuple[str, ...] = ("default", "default-nocrf", "default-b16", "default-pcw", "default-1200",
-                                          "default-lam05")
+                                          "default-lam1")
 PROFILE_CONFIGS: dict[str, list[str]] = {
     "default": ["configs/train.json"],
     "default-nocrf": ["configs/train.json"],
     "default-b16": ["configs/train.json"],
     "default-pcw": ["configs/train.json"],
     "default-1200": ["configs/train.json"],
-    "default-lam05": ["configs/train.json"],
+    "default-lam1": ["configs/train.json"],
     "paper": ["configs/train.json", "configs/paper.json"],
     "paper-short": ["configs/train.json", "configs/paper.json"],
     "paper-short-balanced": ["configs/train.json", "configs/paper.json"],

@@ -204,14 +204,14 @@ def test_default_profile_adds_only_the_method_overrides(tmp_path: Path) -> None:
     assert dsb.default_results("default", True, tmp_path) == tmp_path / "results_smoke" / "dsb.json"
     assert dsb.build_parser().parse_args([]).profile == "default"
     assert set(dsb.PROFILES) == {"default", "default-nocrf", "default-b16", "default-pcw", "default-1200",
-                                 "default-lam05", "paper", "paper-short", "paper-short-balanced"}
+                                 "default-lam1", "paper", "paper-short", "paper-short-balanced"}
     # the retired defaults all ran 1200 steps: their overrides keep them true whatever the default's budget is now
     assert dsb.PROFILES["default-nocrf"] == {"crf_weight": 0.0, "batch_size": 16, "max_steps": 1200}
     assert dsb.PROFILES["default-b16"] == {"batch_size": 16, "max_steps": 1200}
     assert dsb.PROFILES["default-pcw"] == {"pseudo_class_weights": "auto", "max_steps": 1200}
     assert dsb.PROFILES["default-1200"] == {"max_steps": 1200}
-    # the records with the paper's L_up weight (the default until 2026-12-05): 2400 steps like the default
-    assert dsb.PROFILES["default-lam05"] == {"lambda_up": 0.5}
+    # the records with L_up weight 1 (the default on 2026-12-05): 2400 steps like the default
+    assert dsb.PROFILES["default-lam1"] == {"lambda_up": 1.0}
 
 
 def test_gpu_profiles_keep_their_recipe(tmp_path: Path) -> None:
