@@ -396,7 +396,10 @@ class EMAEnsembleHandler:
     gradients) and folds each softmax prediction into ``store``. Afterwards the network is put back in train mode.
 
     It logs, and puts into the trainer's ``state.metrics``, ``ema_coverage`` (share of unscribbled pixels whose
-    averaged prediction passes ``tau``) and ``ensemble_seconds``. For the first ``num_figures`` items it saves a
+    averaged prediction passes ``tau``), ``ema_foreground`` (share of unscribbled pixels whose average passes
+    ``tau`` for a class other than background: the pseudo-labels' foreground, to compare with the share of the
+    image one expects the objects to cover; a share that grows from one ensemble to the next is the network
+    learning its own over-segmentation) and ``ensemble_seconds``. For the first ``num_figures`` items it saves a
     picture per ensemble under ``figure_dir`` (see :func:`s2l_monai.figures.pseudo_label_figure`). With
     ``uncertainty`` it also writes each item's uncertainty map and the per-item summary that ``s2l suggest`` ranks
     (:mod:`s2l_monai.uncertainty`; computed from the prediction and the averages, no extra network pass).
@@ -468,6 +471,7 @@ class EMAEnsembleHandler:
         self.epochs_run: list[int] = []
         self._epoch = 0
         self._passed = 0
+        self._passed_foreground = 0
         self._unlabelled_total = 0
         self._seen = 0
         evaluator.add_event_handler(Events.ITERATION_COMPLETED, self._update_batch)
@@ -489,7 +493,7 @@ class EMAEnsembleHandler:
     def __call__(self, engine: Engine) -> None:
         start = time.perf_counter()
         self._epoch = engine.state.epoch
-        self._passed = self._unlabelled_total = self._seen = 0
+        self._passed = self._passed_foreground = self._unlabelled_total = self._seen = 0
         self._volume = None
         self.store.begin()
         if self.uncertainty is not None:
@@ -508,7 +512,8 @@ class EMAEnsembleHandler:
         self.store.commit()
         if self.uncertainty is not None:
             self.uncertainty.commit(engine.state.epoch, engine.state.iteration)
-        seen, passed, total = distributed.all_reduce([self._seen, self._passed, self._unlabelled_total])
+        seen, passed, foreground, total = distributed.all_reduce(
+            [self._seen, self._passed, self._passed_foreground, self._unlabelled_total])
         distributed.barrier()  # every rank's averages are in place before any rank trains on them
         network = getattr(engine, "network", None)
         if network is not None:
@@ -516,13 +521,16 @@ class EMAEnsembleHandler:
         self._seen = int(seen)
         seconds = distributed.all_reduce([time.perf_counter() - start], op="max")[0]
         coverage = passed / total if total else 0.0
+        foreground_share = foreground / total if total else 0.0
         engine.state.metrics["ema_coverage"] = coverage
+        engine.state.metrics["ema_foreground"] = foreground_share
         engine.state.metrics["ensemble_seconds"] = seconds
         self.epochs_run.append(engine.state.epoch)
         self.logger.info(
             f"Epoch {engine.state.epoch}, step {engine.state.iteration}: ensemble of {self._seen} items in "
             f"{seconds:.1f} s; "
-            f"{100 * coverage:.1f}% of unscribbled pixels pass tau={self.tau}"
+            f"{100 * coverage:.1f}% of unscribbled pixels pass tau={self.tau}, {100 * foreground_share:.1f}% as "
+            f"foreground"
         )
 
     def _update_batch(self, evaluator: Engine) -> None:
@@ -552,6 +560,7 @@ class EMAEnsembleHandler:
             scribble = np.asarray(item[self.scribble_key].detach().cpu())[0]
             unlabelled = scribble == self.unlabelled
             self._passed += int(((average.max(0) > self.tau) & unlabelled).sum())
+            self._passed_foreground += int(((average[1:].max(0) > self.tau) & unlabelled).sum())
             self._unlabelled_total += int(unlabelled.sum())
             uncertainty = None
             if self.uncertainty is not None:

@@ -105,6 +105,14 @@ def test_handler_fires_every_gamma_epochs_and_applies_the_formula(tmp_path):
         p = 1 / (1 + np.exp(-x * (3 * e + 1)))
         expected = ema_update(expected, p, 0.2)
     np.testing.assert_allclose(store.probabilities("img0")[1], expected, atol=2e-3)
+    # the statistics of the last ensemble, counted by hand over the final averages' unscribbled pixels (rows 2-19)
+    final = [store.probabilities(f"img{i}")[:, 2:] for i in range(3)]
+    total = sum(f[0].size for f in final)
+    coverage = sum(int((f.max(0) > 0.8).sum()) for f in final) / total
+    foreground = sum(int((f[1] > 0.8).sum()) for f in final) / total
+    assert 0 < foreground < coverage < 1
+    assert trainer.state.metrics["ema_coverage"] == pytest.approx(coverage)
+    assert trainer.state.metrics["ema_foreground"] == pytest.approx(foreground)
     assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == [
         f"img{i}_epoch{e:04d}.png" for i in range(2) for e in (3, 6, 9)
     ]

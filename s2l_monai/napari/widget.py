@@ -606,9 +606,10 @@ class ScribbleWidget(QWidget):
             self.progress.setValue(int(event["step"]))
             self.metrics_label.setText(self._metrics_text(event))
         elif kind == "ensemble":
-            coverage = event.get("coverage")
+            coverage, foreground = event.get("coverage"), event.get("foreground")
             self._last_ensemble = (f"ensemble {event.get('number')} at step {event.get('step')}: "
-                                   f"{100 * (coverage or 0):.1f}% of unscribbled pixels confident (pseudo-labels)")
+                                   f"{100 * (coverage or 0):.1f}% of unscribbled pixels confident (pseudo-labels), "
+                                   f"{100 * (foreground or 0):.1f}% as nuclei")
         elif kind == "ema_store":
             kept = ", ".join(event.get("reused", [])) or "none"
             self._say(self.message + f" Pseudo-labels kept for unchanged images: {kept}.")

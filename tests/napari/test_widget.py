@@ -124,6 +124,11 @@ def test_train_shows_live_pseudo_labels_then_segment(viewer, qtbot, project):
 
     prob = EMAStore(project / "run" / "ema").probabilities(item_id(SAMPLE_NAME))
     assert np.array_equal(layer.data == PSEUDO_NUCLEUS, (prob[1] > 0.8))
+    # the last ensemble's statistics are this store's: confident pixels, and confident nuclei, among the unscribbled
+    unscribbled = painted == 0
+    assert ensembles[-1]["coverage"] == pytest.approx((prob.max(0) > 0.8)[unscribbled].mean(), abs=1e-6)
+    assert ensembles[-1]["foreground"] == pytest.approx((prob[1] > 0.8)[unscribbled].mean(), abs=1e-6)
+    assert ensembles[-1]["foreground"] < ensembles[-1]["coverage"]
     uncertainty = viewer.layers[f"{SAMPLE_NAME} uncertainty"].data
     assert uncertainty.shape == layer.data.shape and 0 <= uncertainty.min() and uncertainty.max() <= 1
     assert np.all(uncertainty[painted > 0] == 0)  # scribbled pixels are certain
