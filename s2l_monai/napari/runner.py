@@ -6,8 +6,9 @@ things the widget needs, without touching the configs:
 
 * **progress events**: one line per event on stdout, ``@s2l {json}`` — ``start`` (the step budget and the
   ensemble points), ``step`` (every few steps: the loss terms and ``omega_g``, the share of unscribbled pixels in the
-  pseudo-label set Ωg), ``ensemble`` (after every EMA ensemble: its coverage, its foreground share and the step), ``done`` and ``error``
-  (the message of a data or configuration error, no traceback). Everything else the run logs goes through unchanged.
+  pseudo-label set Ωg), ``ensemble`` (after every EMA ensemble: its coverage, its foreground share and the step),
+  ``done`` and ``error`` (the message of a data or configuration error, no traceback). Everything else the run logs
+  goes through unchanged.
 * **a clean stop**: a line ``stop`` on stdin, or stdin closing (the widget, or napari, went away), calls the
   trainer's ``terminate()``. Ignite then ends the run after the current step and fires ``COMPLETED``, so the
   bundle's own handlers write ``model.pt`` and ``checkpoint_final.pt`` from the weights reached, exactly as at the
