@@ -29,6 +29,7 @@ from s2l_monai.temporary_files import remove_stale_temporaries, temporary_tag
 from s2l_monai.uncertainty import UncertaintyMaps, pixel_uncertainty
 
 Events, _ = optional_import("ignite.engine", "0.5", min_version, "Events")
+EventEnum, _ = optional_import("ignite.engine", "0.5", min_version, "EventEnum")
 if TYPE_CHECKING:
     from ignite.engine import Engine
     from monai.engines import Evaluator
@@ -36,7 +37,7 @@ else:
     Engine, _ = optional_import("ignite.engine", "0.5", min_version, "Engine")
     Evaluator, _ = optional_import("monai.engines", name="Evaluator")
 
-__all__ = ["EMAStore", "EMAEnsembleHandler", "ema_update"]
+__all__ = ["EMAStore", "EMAEnsembleHandler", "EnsembleEvents", "ema_update"]
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -384,6 +385,16 @@ class EMAStore:
         os.replace(tmp, path)
 
 
+class EnsembleEvents(EventEnum):
+    """Ignite event the trainer fires when :class:`EMAEnsembleHandler` has published an ensemble.
+
+    Its statistics (``ema_coverage``, ``ema_foreground``, ``ensemble_seconds``) are in ``engine.state.metrics``
+    by then; :class:`s2l_monai.handlers.PseudoLabelDriftControl` listens to it.
+    """
+
+    ENSEMBLE_COMPLETED = "ensemble_completed"
+
+
 class EMAEnsembleHandler:
     """Ignite handler that runs the Scribble2Label prediction ensemble every ``every`` epochs, or on a schedule.
 
@@ -478,6 +489,7 @@ class EMAEnsembleHandler:
 
     def attach(self, engine: Engine) -> None:
         """Run the ensemble at the end of every ``every``-th epoch of ``engine``, or at the schedule's points."""
+        register_ensemble_events(engine)
         if self.schedule is None:
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)
         else:
@@ -532,6 +544,8 @@ class EMAEnsembleHandler:
             f"{100 * coverage:.1f}% of unscribbled pixels pass tau={self.tau}, {100 * foreground_share:.1f}% as "
             f"foreground"
         )
+        if engine.has_registered_events(EnsembleEvents.ENSEMBLE_COMPLETED):
+            engine.fire_event(EnsembleEvents.ENSEMBLE_COMPLETED)
 
     def _update_batch(self, evaluator: Engine) -> None:
         batch, output = evaluator.state.batch, evaluator.state.output
@@ -575,3 +589,8 @@ class EMAEnsembleHandler:
                 )
             self._seen += 1
 
+
+def register_ensemble_events(engine: Engine) -> None:
+    """Register :class:`EnsembleEvents` on ``engine`` once (Ignite's ``register_events`` does not check)."""
+    if not engine.has_registered_events(EnsembleEvents.ENSEMBLE_COMPLETED):
+        engine.register_events(*EnsembleEvents)
