@@ -145,3 +145,40 @@ def test_pretrained_weights_start_the_network(trained):
     after = torch.load(root / "models_pre" / "model.pt", map_location="cpu")
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_drift_control_weights_l_up_and_resumes_with_its_state(trained):
+    """``--drift_control true``: after every ensemble past the warm-up the log names L_up's background weight,
+    ``w_k = w_(k-1) * f_k / f_0`` (clipped to [1, 4]); the checkpoint keeps the reference and the weight, and a
+    resumed run goes on from them instead of starting over at 1."""
+    root, common, _ = trained
+    pairs = dict(zip(common[::2], common[1::2]))
+    pairs.update({"--output_dir": str(root / "out_drift"), "--ckpt_dir": str(root / "models_drift"),
+                  "--ema_every": "1"})
+    over = [x for pair in pairs.items() for x in pair] + ["--drift_control", "true"]
+    pattern = re.compile(r"step (\d+): foreground ([\d.]+)% of the pseudo-labelled pixels \(reference ([\d.]+)%\), "
+                         r"L_up background weight ([\d.]+)")
+
+    def check(lines, weight, reference):
+        for _, share, ref, logged in lines:
+            if reference is None:  # the warm-up ensemble (epoch 1) sets the reference
+                reference, expected = float(share), 1.0
+            else:
+                expected = min(max(weight * float(share) / reference, 1.0), 4.0)
+            assert float(ref) == pytest.approx(reference, abs=0.006)
+            assert float(logged) == pytest.approx(expected, abs=0.002 * expected)
+            weight = float(logged)
+        return weight, reference
+
+    proc = _run(*over, "--max_epochs", "3")
+    lines = pattern.findall(proc.stdout + proc.stderr)
+    assert len(lines) == 3, (proc.stdout + proc.stderr)[-3000:]
+    weight, reference = check(lines, 1.0, None)
+    saved = torch.load(root / "models_drift" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
+    assert saved["drift_control"]["weight"] == pytest.approx(weight, abs=5e-4)
+    assert 100 * saved["drift_control"]["reference"] == pytest.approx(reference, abs=0.006)
+    ckpt = shutil.copy(root / "models_drift" / "checkpoint_final.pt", root / "resume_drift.pt")
+    proc = _run(*over, "--max_epochs", "4", "--resume_from", str(ckpt))
+    lines = pattern.findall(proc.stdout + proc.stderr)
+    assert len(lines) == 1, (proc.stdout + proc.stderr)[-3000:]
+    check(lines, saved["drift_control"]["weight"], 100 * saved["drift_control"]["reference"])
