@@ -77,9 +77,12 @@ PAPER_SHORT_PROFILE: dict[str, Any] = {
 #: method's records. All of them ran 1200 steps, so each carries that budget. ``default-lam1``: the default with
 #: ``lambda_up 1.0`` (the default on 2026-12-05 until bright-field validation showed its cost), the records of the
 #: methods that have an L_up (Scribble2Label, Pseudo-label, S2L from the zoo weights); 2400 steps like the default;
-#: they are in ``results/archive/dsb_default_lam1.json``.
+#: they are in ``results/archive/dsb_default_lam1.json``. ``default-nodc``: the default before drift control
+#: (``drift_control false``, the default until 2026-12-05), the records of the methods with an L_up (Scribble2Label,
+#: Pseudo-label, S2L from the zoo weights); pCE, rLoss and Full have no L_up, so their default records stand.
 S1200_PROFILE: dict[str, Any] = {"max_steps": 1200}
 LAM1_PROFILE: dict[str, Any] = {"lambda_up": 1.0}
+NODC_PROFILE: dict[str, Any] = {"drift_control": False}
 NOCRF_PROFILE: dict[str, Any] = {**S1200_PROFILE, "crf_weight": 0.0, "batch_size": 16}
 B16_PROFILE: dict[str, Any] = {**S1200_PROFILE, "batch_size": 16}
 PCW_PROFILE: dict[str, Any] = {**S1200_PROFILE, "pseudo_class_weights": "auto"}
@@ -90,6 +93,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default-pcw": PCW_PROFILE,
     "default-1200": S1200_PROFILE,
     "default-lam1": LAM1_PROFILE,
+    "default-nodc": NODC_PROFILE,
     "paper": PAPER_PROFILE,
     "paper-short": PAPER_SHORT_PROFILE,
     "paper-short-balanced": {**PAPER_SHORT_PROFILE, "class_weights": [3.0, 1.0], "pseudo_class_weights": [3.0, 1.0],
@@ -110,6 +114,8 @@ PROFILE_NOTES: dict[str, str] = {
                     " rows measured with it, to be replaced by the default's",
     "default-lam1": "the default recipe with the pseudo-label weight `lambda_up 1.0` (the default on 2026-12-05,"
                     " retired for its cost on bright-field); Scribble2Label and Pseudo-label rows measured with it",
+    "default-nodc": "the default recipe before drift control (`drift_control false`, the default until 2026-12-05);"
+                    " Scribble2Label and Pseudo-label rows measured with it, to be replaced by the default's",
     "paper": "configs/train.json + configs/paper.json, the authors' recipe (GPU)",
     "paper-short": "configs/paper.json (the authors' network, crops, batch, optimiser and tau/alpha/gamma) on 100"
                    " epochs with 30 of warm-up instead of 300/100 (`PAPER_SHORT_PROFILE` in dsb.py), for a GPU",
@@ -120,7 +126,7 @@ PROFILE_NOTES: dict[str, str] = {
 #: a record measured on a lent GPU machine keeps its quality figures, not its times (``em.py`` shares
 #: :func:`_gpu_note`).
 SAME_RECIPE_PROFILES: tuple[str, ...] = ("default", "default-nocrf", "default-b16", "default-pcw", "default-1200",
-                                          "default-lam1")
+                                          "default-lam1", "default-nodc")
 PROFILE_CONFIGS: dict[str, list[str]] = {
     "default": ["configs/train.json"],
     "default-nocrf": ["configs/train.json"],
@@ -128,6 +134,7 @@ PROFILE_CONFIGS: dict[str, list[str]] = {
     "default-pcw": ["configs/train.json"],
     "default-1200": ["configs/train.json"],
     "default-lam1": ["configs/train.json"],
+    "default-nodc": ["configs/train.json"],
     "paper": ["configs/train.json", "configs/paper.json"],
     "paper-short": ["configs/train.json", "configs/paper.json"],
     "paper-short-balanced": ["configs/train.json", "configs/paper.json"],
@@ -942,6 +949,7 @@ RECIPE_KEYS: tuple[tuple[str, str | None], ...] = (
     ("num_samples", None), ("roi_size", None), ("learning_rate", None), ("warmup_share", "warmup_epochs"),
     ("warmup_epochs", None), ("ensemble_share", "ema_every"), ("ema_every", None), ("ema_memory_share", "ema_alpha"),
     ("ema_alpha", None), ("tau", None), ("lambda_up", None), ("class_weights", None), ("pseudo_class_weights", None),
+    ("drift_control", None),
     ("crf_weight", None),
 )
 

@@ -83,13 +83,14 @@ GPU_SHORT_PROFILE: dict[str, Any] = {
 }
 PROFILES: dict[str, dict[str, Any]] = {
     "default": DEFAULT_PROFILE,
-    # retired defaults (dsb.py's NOCRF_PROFILE, B16_PROFILE, PCW_PROFILE, S1200_PROFILE, LAM1_PROFILE): their
-    # records until the default's exist
+    # retired defaults (dsb.py's NOCRF_PROFILE, B16_PROFILE, PCW_PROFILE, S1200_PROFILE, LAM1_PROFILE,
+    # NODC_PROFILE): their records until the default's exist
     "default-nocrf": dsb.NOCRF_PROFILE,
     "default-b16": dsb.B16_PROFILE,
     "default-pcw": dsb.PCW_PROFILE,
     "default-1200": dsb.S1200_PROFILE,
     "default-lam1": dsb.LAM1_PROFILE,
+    "default-nodc": dsb.NODC_PROFILE,
     "gpu-short": GPU_SHORT_PROFILE,
 }
 #: One line per profile for the report.
@@ -103,6 +104,8 @@ PROFILE_NOTES: dict[str, str] = {
     "default-1200": dsb.PROFILE_NOTES["default-1200"],
     "default-lam1": "the default recipe with the pseudo-label weight `lambda_up 1.0` (the default on 2026-12-05,"
                     " retired for its cost on bright-field); Scribble2Label rows measured with it",
+    "default-nodc": "the default recipe before drift control (`drift_control false`, the default until 2026-12-05);"
+                    " Scribble2Label rows measured with it, to be replaced by the default's",
     "gpu-short": "one lent GPU shared by the trainings of one lease, 256x256 patches, 100 epochs with 30 of warm-up"
                  " within 330 s (`GPU_SHORT_PROFILE` in em.py)",
 }
