@@ -35,6 +35,9 @@ EPOCH_LINE = re.compile(r"s2l - INFO - epoch (\d+)/\d+ in ([\d.]+) s, step \d+(?
 _TERMS = {"train_loss": r"loss ([-\d.eE+]+)", "loss_sp": r"L_sp ([-\d.eE+]+)", "loss_up": r"L_up ([-\d.eE+]+)",
           "omega_g": r"Omega_g ([\d.]+)%"}
 ENSEMBLE_LINE = re.compile(r"Epoch (\d+), step (\d+): ensemble of (\d+) items in ([\d.]+) s; ([\d.]+)% of unscribbled")
+#: ``s2l_monai.handlers.PseudoLabelDriftControl``'s line after each ensemble (``drift_control`` on)
+DRIFT_LINE = re.compile(r"step (\d+): foreground ([\d.]+)% of the pseudo-labelled pixels \(reference ([\d.]+)%\), "
+                        r"L_up background weight ([\d.]+)")
 SCHEDULE_LINE = re.compile(r"ScheduleHandler - INFO - (schedule: .*)$", re.M)
 PRIOR_LINE = re.compile(r"s2l_monai.prior - INFO - (class prior .*)$", re.M)
 
@@ -44,6 +47,11 @@ def parse_ensembles(text: str) -> list[dict[str, float]]:
     return [{"epoch": int(m.group(1)), "step": int(m.group(2)), "items": int(m.group(3)),
              "seconds": float(m.group(4)), "coverage": float(m.group(5)) / 100}
             for m in ENSEMBLE_LINE.finditer(text)]
+
+
+def parse_drift(text: str) -> dict[int, tuple[float, float]]:
+    """Step -> (foreground share of the pseudo-labelled pixels, L_up background weight) from the drift control."""
+    return {int(m.group(1)): (float(m.group(2)) / 100, float(m.group(4))) for m in DRIFT_LINE.finditer(text)}
 
 
 def parse_log(text: str) -> tuple[dict[int, dict[str, float]], dict[int, float]]:
@@ -100,8 +108,12 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine_info()
     ensemble_epochs = {e["epoch"]: e for e in ensembles}
+    drift = parse_drift(log_text)
+    drift_epochs = {e["epoch"]: drift[e["step"]] for e in ensembles if e["step"] in drift}
     rows = [[e, *(f"{metrics[e].get(k, float('nan')):.4f}" for k in ("train_loss", "loss_sp", "loss_up", "omega_g")),
              f"{ensemble_epochs[e]['coverage']:.4f}" if e in ensemble_epochs else "",
+             f"{drift_epochs[e][0]:.4f}" if e in drift_epochs else "",
+             f"{drift_epochs[e][1]:.3f}" if e in drift_epochs else "",
              f"{ensemble_epochs[e]['seconds']:.2f}" if e in ensemble_epochs else ""]
             for e in sorted(metrics) if e == 1 or e in ensemble_epochs or e == max(metrics)]
     summary_rows = [[name, *(f"{res.get(k, float('nan')):.4f}" for k in ("iou", "mdice", "dsb", "pq", "aji"))]
@@ -127,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Per epoch (first, every epoch with an ensemble (its coverage and time), last)",
         "",
-        markdown_table(["epoch", "train_loss", "loss_sp", "loss_up", "omega_g", "ema_coverage", "ensemble s"], rows),
+        "pseudo fg = foreground share of the pseudo-labelled pixels; L_up bg weight = the background weight drift "
+        "control set after that ensemble (configs/docs: `drift_control`).",
+        "",
+        markdown_table(["epoch", "train_loss", "loss_sp", "loss_up", "omega_g", "ema_coverage", "pseudo fg",
+                        "L_up bg weight", "ensemble s"], rows),
         "",
         f"## Synthetic test split ({s2l.get('n_images', '?')} images)",
         "",
