@@ -6,7 +6,8 @@ things the widget needs, without touching the configs:
 
 * **progress events**: one line per event on stdout, ``@s2l {json}`` — ``start`` (the step budget and the
   ensemble points), ``step`` (every few steps: the loss terms and ``omega_g``, the share of unscribbled pixels in the
-  pseudo-label set Ωg), ``ensemble`` (after every EMA ensemble: its coverage, its foreground share and the step),
+  pseudo-label set Ωg), ``ensemble`` (after every EMA ensemble: its coverage, its foreground share, the
+  background weight drift control gave L_up (``background_weight``) and the step),
   ``done`` and ``error`` (the message of a data or configuration error, no traceback). Everything else the run logs
   goes through unchanged.
 * **a clean stop**: a line ``stop`` on stdin, or stdin closing (the widget, or napari, went away), calls the
@@ -85,7 +86,8 @@ class _Reporter:
             self._ensembles = len(self.ensemble.epochs_run)
             m = engine.state.metrics
             emit("ensemble", step=step, number=self._ensembles, coverage=_float(m.get("ema_coverage")),
-                 foreground=_float(m.get("ema_foreground")), seconds=_float(m.get("ensemble_seconds")))
+                 foreground=_float(m.get("ema_foreground")), seconds=_float(m.get("ensemble_seconds")),
+                 background_weight=_float(m.get("pseudo_background_weight")))
         if stopping and not self.stopped:
             # here, on the engine's thread: Ignite checks the flag right after these handlers, ends the run and
             # still fires COMPLETED, so the bundle writes model.pt and checkpoint_final.pt

@@ -610,6 +610,10 @@ class ScribbleWidget(QWidget):
             self._last_ensemble = (f"ensemble {event.get('number')} at step {event.get('step')}: "
                                    f"{100 * (coverage or 0):.1f}% of unscribbled pixels confident (pseudo-labels), "
                                    f"{100 * (foreground or 0):.1f}% as nuclei")
+            weight = event.get("background_weight")
+            if weight is not None and np.isfinite(weight) and weight > 1.0:
+                # drift control leans L_up against pseudo-labels that grow past what the warm-up model said
+                self._last_ensemble += f"; L_up background weight {weight:.2f} (drift control)"
         elif kind == "ema_store":
             kept = ", ".join(event.get("reused", [])) or "none"
             self._say(self.message + f" Pseudo-labels kept for unchanged images: {kept}.")

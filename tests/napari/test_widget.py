@@ -129,6 +129,13 @@ def test_train_shows_live_pseudo_labels_then_segment(viewer, qtbot, project):
     assert ensembles[-1]["coverage"] == pytest.approx((prob.max(0) > 0.8)[unscribbled].mean(), abs=1e-6)
     assert ensembles[-1]["foreground"] == pytest.approx((prob[1] > 0.8)[unscribbled].mean(), abs=1e-6)
     assert ensembles[-1]["foreground"] < ensembles[-1]["coverage"]
+    # drift control: 1 up to the warm-up's last ensemble (the reference), then w_k = clip(w_(k-1) * f_k / f_0, 1, 4)
+    # with f the foreground share of the pseudo-labelled pixels, from the events' own statistics
+    shares = [e["foreground"] / e["coverage"] for e in ensembles]
+    expected = [1.0, 1.0]
+    for share in shares[2:]:
+        expected.append(min(max(expected[-1] * share / shares[1], 1.0), 4.0))
+    assert [e["background_weight"] for e in ensembles] == pytest.approx(expected, rel=1e-6)
     uncertainty = viewer.layers[f"{SAMPLE_NAME} uncertainty"].data
     assert uncertainty.shape == layer.data.shape and 0 <= uncertainty.min() and uncertainty.max() <= 1
     assert np.all(uncertainty[painted > 0] == 0)  # scribbled pixels are certain
