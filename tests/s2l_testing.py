@@ -33,3 +33,38 @@ def run_bundle(run_id: str, config: str, *overrides: str):
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
+
+
+def changing_logits(foreground_logit):
+    """A two-class network whose foreground logit is ``foreground_logit(x, k)`` on its ``k``-th call (from 1), so
+    successive ensembles see different predictions; ``.calls`` counts the calls."""
+    import torch
+
+    class _ChangingLogits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+            self.scale = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            self.calls += 1
+            fg = foreground_logit(x[:, :1], self.calls)
+            return torch.cat([torch.zeros_like(fg), fg], 1)
+
+    return _ChangingLogits()
+
+
+def ensemble_items(n: int = 3, shape: tuple[int, int] = (20, 24), shift: float = 0.0) -> list[dict]:
+    """``n`` training items for an ensemble: id, a normal-noise image (plus ``shift``) ``1HW`` and scribbles with
+    background on the first two rows, the rest unlabelled (255)."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(n):
+        scribble = np.full((1, *shape), 255, np.float32)
+        scribble[0, :2] = 0
+        image = rng.normal(size=(1, *shape)).astype(np.float32) + shift
+        items.append({"id": f"img{i}", "image": torch.from_numpy(image), "scribble": torch.from_numpy(scribble)})
+    return items

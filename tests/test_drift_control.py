@@ -2,42 +2,17 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine
 from monai.data import DataLoader
 from monai.engines import IterationEvents, SupervisedEvaluator
 from monai.inferers import SimpleInferer
+from s2l_testing import changing_logits, ensemble_items
 
 from s2l_monai.ensemble import EMAEnsembleHandler, EMAStore, EnsembleEvents
 from s2l_monai.handlers import PseudoLabelDriftControl, ScribbleLossHandler
 from s2l_monai.losses import ScribbleLoss
-
-
-class _Growing(torch.nn.Module):
-    """Foreground logits that grow with every call: each ensemble's pseudo-labels hold more foreground."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-        self.scale = torch.nn.Parameter(torch.ones(1))
-
-    def forward(self, x):
-        self.calls += 1
-        fg = x[:, :1] + 0.4 * self.calls
-        return torch.cat([torch.zeros_like(fg), 4 * fg], 1)
-
-
-def _items(n=3, shape=(20, 24)):
-    rng = np.random.default_rng(0)
-    items = []
-    for i in range(n):
-        scribble = np.full((1, *shape), 255, np.float32)
-        scribble[0, :2] = 0
-        image = rng.normal(size=(1, *shape)).astype(np.float32) - 1.0
-        items.append({"id": f"img{i}", "image": torch.from_numpy(image), "scribble": torch.from_numpy(scribble)})
-    return items
 
 
 def _shares(store, n=3, tau=0.8):
@@ -49,8 +24,8 @@ def _shares(store, n=3, tau=0.8):
 
 
 def test_weight_follows_the_foreground_share_of_each_ensemble(tmp_path):
-    items = _items()
-    net = _Growing()
+    items = ensemble_items(shift=-1.0)
+    net = changing_logits(lambda x, k: 4 * (x + 0.4 * k))  # more foreground in each ensemble
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"), val_data_loader=DataLoader(items, batch_size=1), network=net,
         inferer=SimpleInferer(), decollate=False,

@@ -8,6 +8,7 @@ from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator
 from monai.inferers import SimpleInferer
 from PIL import Image
+from s2l_testing import changing_logits, ensemble_items
 
 from s2l_monai.ensemble import EMAEnsembleHandler, EMAStore, ema_update
 
@@ -55,34 +56,9 @@ def test_store_refuses_mismatch(tmp_path):
         store.update("a", np.full((2, 4, 3), 0.5, np.float32), alpha=0.2)
 
 
-class _Drift(torch.nn.Module):
-    """Logits that change on every call, so successive ensembles see different predictions."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-        self.scale = torch.nn.Parameter(torch.ones(1))
-
-    def forward(self, x):
-        self.calls += 1
-        fg = x[:, :1] * self.calls  # foreground logit grows with each call
-        return torch.cat([torch.zeros_like(fg), fg], 1)
-
-
-def _items(n=3, shape=(20, 24)):
-    rng = np.random.default_rng(0)
-    items = []
-    for i in range(n):
-        scribble = np.full((1, *shape), 255, np.float32)
-        scribble[0, :2] = 0
-        items.append({"id": f"img{i}", "image": torch.from_numpy(rng.normal(size=(1, *shape)).astype(np.float32)),
-                      "scribble": torch.from_numpy(scribble)})
-    return items
-
-
 def test_handler_fires_every_gamma_epochs_and_applies_the_formula(tmp_path):
-    items = _items()
-    net = _Drift()
+    items = ensemble_items()
+    net = changing_logits(lambda x, k: x * k)  # the foreground logit grows with each call
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"), val_data_loader=DataLoader(items, batch_size=1), network=net,
         inferer=SimpleInferer(), decollate=False,
