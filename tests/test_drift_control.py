@@ -78,5 +78,12 @@ def test_weight_is_bounded_and_survives_a_checkpoint():
     other.load_state_dict(control.state_dict())
     assert other.reference == pytest.approx(0.2) and other.weight == pytest.approx(2.0)
     assert other_loss.pseudo_class_weights == pytest.approx([2.0, 1.0, 1.0])
+    # switched off (drift_control false, configs/paper.json): L_up keeps the weights it was given
+    fixed = ScribbleLoss(pseudo_class_weights=[3.0, 1.0])
+    off = PseudoLabelDriftControl(fixed, enabled=False)
+    for enabled in (False, True):
+        fixed.pseudo_label_enabled = enabled
+        off(engine)
+    assert fixed.pseudo_class_weights == pytest.approx([3.0, 1.0]) and off.reference is None
     with pytest.raises(ValueError, match="max_weight"):
         PseudoLabelDriftControl(loss, max_weight=0.5)
