@@ -373,8 +373,8 @@ def train(dataset: Path, out: Path, seed: int, steps: int, in_channels: int, sta
            "--dataset_dir", str(dataset), "--datalist_name", "datalist.json", "--output_dir", str(out / "train"),
            "--ckpt_dir", str(out / "ckpt"), "--seed", str(seed), "--max_steps", str(steps),
            "--in_channels", str(in_channels), "--test_evaluation", "false", "--num_figures", "0"]
-    if start_from is not None:
-        cmd += ["--pretrained_weights", str(start_from)]
+    # round 0 from scratch: the shipped weights (the default's start) were trained on DSB-Fluo's training images
+    cmd += ["--pretrained_weights", "" if start_from is None else str(start_from)]
     result = run_measured(cmd, cwd=REPO, log_path=out / "train.log")
     if result.returncode != 0:
         raise RuntimeError(f"training failed; see {out / 'train.log'}")

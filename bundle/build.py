@@ -8,8 +8,9 @@ The zip holds one top-level folder ``scribble2label/``: ``configs/`` (train, inf
 logging.conf, schema/), ``scripts/`` (``__init__.py`` from ``bundle/templates`` and a copy of the ``s2l_monai``
 package, taken from where it is imported at build time, so the code is never edited in two places),
 ``docs/README.md`` (zoo template, performance table from ``--metrics``), ``docs/data_license.txt``, ``LICENSE``,
-``large_files.yml`` (GitHub release URL and sha256 of the weights) and ``models/model.pt``. No file may exceed
-25 MB.
+``large_files.yml`` (GitHub release URL and sha256 of the weights), ``models/model.pt`` and its copy
+``models/pretrained.pt`` (where training starts by default; training writes ``models/model.pt``). No file may
+exceed 25 MB.
 """
 
 from __future__ import annotations
@@ -178,6 +179,9 @@ def _stage(root: Path, model: Path, version: str, repo: str, info: dict[str, Any
 
     (root / "models").mkdir()
     shutil.copy2(model, root / "models" / "model.pt")
+    # where every training starts (train.json's pretrained_weights "auto", s2l_monai.pretrained): models/model.pt
+    # is what a training of the package writes, so the shipped weights keep a copy of their own
+    shutil.copy2(model, root / "models" / "pretrained.pt")
     (root / "large_files.yml").write_text(
         "large_files:\n"
         '  - path: "models/model.pt"\n'

@@ -309,6 +309,16 @@ def _nonfinite_mode_typo(root: Path):
     return "nonfinite_pixels", ["--nonfinite_pixels", "zero"]
 
 
+def _pretrained_missing(root: Path):
+    return str(root / "models" / "model.pt"), ["--pretrained_weights", str(root / "models" / "model.pt")]
+
+
+def _pretrained_other_network(root: Path):
+    shipped = Path(__file__).resolve().parents[1] / "bundle" / "models" / "model.pt"
+    return f"{shipped} does not fit this network: other shapes", [
+        "--pretrained_weights", str(shipped), "--network_def#channels", "[8,16,32]"]
+
+
 @dataclass(frozen=True)
 class Case:
     """One malformed input: its name, what it breaks, and the function that breaks a fresh dataset."""
@@ -353,6 +363,8 @@ TRAINING_CASES: list[Case] = [
     Case("volume_axis_2d", "--slice_axis 0 on 2D PNG images", _volume_axis_on_2d),
     Case("volume_scribble_shape", "volume scribble with 2 slices for a 3-slice volume", _volume_scribble_shape),
     Case("nonfinite_key_typo", "--nonfinite_pixels with an unknown mode", _nonfinite_mode_typo),
+    Case("pretrained_missing", "--pretrained_weights names a file that does not exist", _pretrained_missing),
+    Case("pretrained_other_network", "--pretrained_weights of another network", _pretrained_other_network),
 ]
 
 

@@ -183,7 +183,11 @@ def test_default_profile_adds_only_the_method_overrides(tmp_path: Path) -> None:
         for key, value in dsb.METHOD_OVERRIDES[method].items():
             assert _parsed(cmd, key) == value
     s2l = dsb.train_command(dsb.RunSpec("fluorescence", 0.1, "s2l", 0), "default", tmp_path, tmp_path / "r")
-    assert not {c for c in s2l if c.startswith("--")} - own  # no override at all
+    # no override but the start from scratch (the shipped weights are this benchmark's own DSB-Fluo model)
+    assert {c for c in s2l if c.startswith("--")} - own == {"--pretrained_weights"}
+    assert s2l[s2l.index("--pretrained_weights") + 1] == ""
+    assert all(dsb.METHOD_OVERRIDES[m]["pretrained_weights"] == "" for m in dsb.METHOD_OVERRIDES if m != "s2l_zoo")
+    assert dsb.METHOD_OVERRIDES["s2l_zoo"] == {"pretrained_weights": "bundle/models/model.pt"}
     assert s2l[s2l.index("--datalist_name") + 1] == "datalist_10.json"
     pce = dsb.train_command(dsb.RunSpec("fluorescence", 0.3, "pce", 1), "default", tmp_path, tmp_path / "r")
     assert pce[pce.index("--lambda_up") + 1] == "0" and pce[pce.index("--seed") + 1] == "1"

@@ -147,6 +147,29 @@ def test_pretrained_weights_start_the_network(trained):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_default_starts_from_the_shipped_weights(trained):
+    """``pretrained_weights`` "auto" (the default): the run says it starts from the shipped weights and does (with a
+    learning rate of 0 the saved model is exactly them); ``""`` trains from scratch. (A file that does not fit is one
+    short error naming it: tests/reliability_cases.py.)"""
+    root, common, proc = trained
+    shipped = REPO / "bundle" / "models" / "model.pt"
+    log = proc.stdout + proc.stderr  # the fixture's run: no pretrained_weights given
+    assert f"pretrained_weights=auto: the network starts from the shipped weights {shipped}" in log, log[-3000:]
+    assert f"Restored all variables from {shipped}" in log
+    pairs = dict(zip(common[::2], common[1::2]))
+    pairs.update({"--output_dir": str(root / "out_auto"), "--ckpt_dir": str(root / "models_auto")})
+    over = [x for pair in pairs.items() for x in pair]
+    _run(*over, "--max_epochs", "1", "--learning_rate", "0")
+    before = torch.load(shipped, map_location="cpu")
+    after = torch.load(root / "models_auto" / "model.pt", map_location="cpu")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    scratch = _run(*over, "--max_epochs", "1", "--learning_rate", "0", "--pretrained_weights", "")
+    log = scratch.stdout + scratch.stderr
+    assert "pretrained_weights: none, the network starts from scratch" in log and "Restored all" not in log
+    after = torch.load(root / "models_auto" / "model.pt", map_location="cpu")
+    assert not all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_drift_control_weights_l_up_and_resumes_with_its_state(trained):
     """``--drift_control true``: after every ensemble past the warm-up the log names L_up's background weight,
     ``w_k = w_(k-1) * f_k / f_0`` (clipped to [1, 4]); the checkpoint keeps the reference and the weight, and a

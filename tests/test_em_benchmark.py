@@ -61,11 +61,12 @@ def test_default_profile_adds_only_the_volume_keys_and_the_method_overrides(tmp_
         assert not any(f"--{k}" in cmd for k in EPOCH_KEYS)
         over = em.train_overrides(run)
         assert over == em.METHOD_OVERRIDES[method]
-    assert em.train_overrides(em.EMRun("s2l", 0)) == {}
+    assert em.train_overrides(em.EMRun("s2l", 0)) == {"pretrained_weights": ""}  # every method from scratch
     # the baselines as in dsb.py: no pseudo-label loss and no ensembles; Full unweighted
-    assert em.METHOD_OVERRIDES["pce"] == {"lambda_up": 0, "ema_every": 100000, "crf_weight": 0.0}
-    assert em.METHOD_OVERRIDES["full"] == {"lambda_up": 0, "ema_every": 100000, "class_weights": None,
-                                           "pseudo_class_weights": None, "crf_weight": 0.0}
+    assert em.METHOD_OVERRIDES["pce"] == {"pretrained_weights": "", "lambda_up": 0, "ema_every": 100000,
+                                          "crf_weight": 0.0}
+    assert em.METHOD_OVERRIDES["full"] == {"pretrained_weights": "", "lambda_up": 0, "ema_every": 100000,
+                                           "class_weights": None, "pseudo_class_weights": None, "crf_weight": 0.0}
     cmd = em.train_command(em.EMRun("full", 0), tmp_path / "data", tmp_path / "run")
     # null as an expression: the bundle runner drops overrides whose value is None ("auto" would stay)
     assert _flag(cmd, "class_weights") == "$None" and _flag(cmd, "pseudo_class_weights") == "$None"

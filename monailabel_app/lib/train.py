@@ -8,7 +8,9 @@ this subclass only changes what it is given:
   ``<bundle>/runs/monailabel/dataset``;
 * no validation split (there is nothing to validate against without full labels);
 * resuming: the network starts from the previous ``models/model.pt`` (MONAI Label's "pretrained" option, on by
-  default) with a fresh optimiser and schedule; the EMA pseudo-label store of earlier runs
+  default) with a fresh optimiser and schedule; the first training, with no previous model, starts from the
+  project's shipped weights where they fit (the bundle's ``pretrained_weights`` "auto"); "pretrained" off trains
+  from scratch; the EMA pseudo-label store of earlier runs
   (``<bundle>/runs/monailabel/train/ema``, keyed by image id) is reused for every image whose content did not
   change (:func:`lib.training_set.refresh_ema_store`);
 * several GPUs: MONAI Label's own ``multi_gpu`` / ``gpus`` options (on by default where the machine has more than
@@ -70,6 +72,7 @@ class ScribbleTrainTask(BundleTrainTask):
         self.work_dir = Path(bundle) / "runs" / "monailabel"
         self._request: dict[str, Any] = {}
         self._dataset: tuple[Path, bool] | None = None
+        self._start_from = "auto"
 
     def config(self) -> dict[str, Any]:
         """Options shown by viewers: MONAI Label's, the bundle's step budget and S2L's parameters; the epoch keys
@@ -107,21 +110,18 @@ class ScribbleTrainTask(BundleTrainTask):
         return datalist, None
 
     def _load_checkpoint(self, model_pytorch: str, pretrained: bool, train_handlers: list) -> None:
-        """Start from the previous weights (BundleTrainTask's own version assumes every handler is a dict)."""
-        if not (pretrained and os.path.exists(model_pytorch)):
-            logger.info("Training from scratch (no previous model, or pretrained is off)")
-            return
-        if any(isinstance(h, dict) and h.get("_target_") == "CheckpointLoader" for h in train_handlers):
-            return
-        loader = {
-            "_target_": "CheckpointLoader",
-            "load_path": model_pytorch,
-            "load_dict": {self.model_dict_key: "@network"},
-            "strict": self.load_strict,
-            "map_location": "@device",
-        }
-        train_handlers.insert(0, loader)
-        logger.info(f"Starting from the previous model: {model_pytorch}")
+        """Choose what the network starts from, as the bundle's ``pretrained_weights`` (its own ``CheckpointLoader``
+        loads it; a second loader among the train handlers would race it): the previous model, else the shipped
+        weights where they fit ("auto"); from scratch when "pretrained" is off."""
+        if not pretrained:
+            self._start_from = ""
+            logger.info("Training from scratch (pretrained is off)")
+        elif os.path.exists(model_pytorch):
+            self._start_from = model_pytorch
+            logger.info(f"Starting from the previous model: {model_pytorch}")
+        else:
+            self._start_from = "auto"
+            logger.info("No previous model: starting from the shipped weights where they fit (pretrained_weights auto)")
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         self._request = dict(request)
@@ -145,6 +145,7 @@ class ScribbleTrainTask(BundleTrainTask):
                 "slice_axis": 0 if volumes else None,
                 # the EMA store of unchanged images carries over from the previous training (refresh_ema_store)
                 "reuse_ema_store": True,
+                "pretrained_weights": self._start_from,
                 # BundleTrainTask sets the trainer's epochs itself (50 by default); the schedule decides them here
                 self.const.key_train_trainer_max_epochs(): "$@schedule.max_epochs",
             }

@@ -32,8 +32,9 @@ def configs_dir() -> Path:
 
 def zoo_weights() -> Path | None:
     """The bundle zoo's pretrained weights (``bundle/models/model.pt`` beside ``configs/``), where present."""
-    path = configs_dir().parent / "bundle" / "models" / "model.pt"
-    return path if path.is_file() else None
+    from s2l_monai.pretrained import shipped_weights
+
+    return shipped_weights(configs_dir().parent)
 
 
 class BundleProcess:

@@ -189,9 +189,11 @@ class ScribbleWidget(QWidget):
 
         start = QHBoxLayout()
         self.start_from = QComboBox()
-        self.start_from.addItem(_FROM_SCRATCH)
         if zoo_weights() is not None:
+            # first, so the default: the bundle's own default (pretrained_weights auto), measured better than from
+            # scratch on data the weights never saw (docs/configuration.md, "Starting from the shipped weights")
             self.start_from.addItem(_FROM_ZOO)
+        self.start_from.addItem(_FROM_SCRATCH)
         self.start_from.setToolTip("what Train starts from (Continue always starts from the project's model)")
         start.addWidget(self.start_from)
         self.load_button = QPushButton("Load model…")
@@ -451,21 +453,27 @@ class ScribbleWidget(QWidget):
         if found.problems:
             self._say("Cannot train:\n- " + "\n- ".join(found.problems), error=True)
             return False
-        overrides: dict[str, Any] = {}
+        overrides: dict[str, Any] = {"pretrained_weights": ""}
+        start_note = ""
         if resume:
             if not project.model_path.is_file():
                 self._say(f"nothing to continue: no model in {project.models_dir} yet; press Train first", error=True)
                 return False
+            channels = model_in_channels(project.model_path)
+            if channels != found.in_channels:
+                self._say(f"the model to continue takes {channels}-channel images, these are {found.in_channels}-"
+                          "channel: press Train to train from scratch", error=True)
+                return False
             overrides["pretrained_weights"] = str(project.model_path)
             overrides["reuse_ema_store"] = True
         elif self.start_from.currentText() == _FROM_ZOO:
-            overrides["pretrained_weights"] = str(zoo_weights())
-        if "pretrained_weights" in overrides:
-            channels = model_in_channels(overrides["pretrained_weights"])
-            if channels != found.in_channels:
-                self._say(f"the model to start from takes {channels}-channel images, these are {found.in_channels}-"
-                          "channel: train from scratch", error=True)
-                return False
+            zoo = zoo_weights()
+            channels = model_in_channels(zoo)
+            if channels == found.in_channels:
+                overrides["pretrained_weights"] = str(zoo)
+            else:
+                start_note = (f" The zoo's weights take {channels}-channel images, these are {found.in_channels}-"
+                              "channel: training from scratch.")
         n_items = len(found.images)
         per_step = max(1, self.defaults["batch_size"] // self.defaults["num_samples"])
         overrides = {
@@ -488,7 +496,7 @@ class ScribbleWidget(QWidget):
         if self._active not in [i.name for i in found.images]:
             self._active = found.images[0].name
         notes = (" " + " ".join(found.notes)) if found.notes else ""
-        self._say(("Continuing" if resume else "Training") + f" on {n_items} image(s)…{notes}")
+        self._say(("Continuing" if resume else "Training") + f" on {n_items} image(s)…{notes}{start_note}")
         self.progress.setRange(0, int(overrides["max_steps"]))
         self.progress.setValue(0)
         self.metrics_label.setText("starting the bundle…")

@@ -142,6 +142,10 @@ def test_scribbles_train_infer_against_real_server(dsb_zip: Path, server_factory
         assert (bundle / "models" / "model.pt").is_file()
     log = server.log.read_text(errors="replace")
     assert "Starting from the previous model" in log, "second run did not start from the first model"
+    # the first run had no previous model: the bundle's own default start, the shipped weights (grey images fit them)
+    assert "No previous model: starting from the shipped weights where they fit" in log
+    assert log.count("pretrained_weights=auto: the network starts from the shipped weights") == 1, log[-3000:]
+    assert log.count("pretrained_weights: the network starts from") == 1  # the second run: its previous model
     ema_lines = [line for line in log.splitlines() if "EMA store" in line and "reused for" in line]
     assert len(ema_lines) == 2, ema_lines
     assert all(image_id in ema_lines[1] for image_id in TRAIN_IDS), ema_lines[1]  # images unchanged: all reused

@@ -272,18 +272,21 @@ def test_continue_and_segment_without_a_model_say_so(viewer, qtbot, tmp_path):
     assert not widget.load_model(tmp_path / "missing.pt") and "cannot load the model" in widget.message
 
 
-def test_zoo_weights_refuse_colour_images(viewer, qtbot, tmp_path):
+def test_zoo_weights_are_the_default_and_colour_images_train_from_scratch(viewer, qtbot, tmp_path):
     from s2l_monai.data.synthetic import synthetic_nuclei
 
     image, labels = synthetic_nuclei((64, 64), seed=1)
     viewer.add_image(np.stack([image] * 3, axis=-1), name="rgb", rgb=True)
     viewer.add_labels(sample_scribbles(labels), name="rgb scribbles")
     widget = _widget(viewer, tmp_path / "p")
-    widget.start_from.setCurrentText("the zoo's pretrained weights")
-    assert widget.start_from.currentText() == "the zoo's pretrained weights"
-    assert not widget.train() and not widget.busy
-    assert "takes 1-channel images, these are 3-channel" in widget.message
-    assert not (tmp_path / "p").exists()
+    assert widget.start_from.currentText() == "the zoo's pretrained weights"  # the bundle's default, first
+    assert widget.train() and widget.busy
+    assert "take 1-channel images, these are 3-channel: training from scratch" in widget.message
+    assert widget.process.overrides["pretrained_weights"] == ""  # explicit: the bundle's "auto" is not left to guess
+    assert widget.process.overrides["in_channels"] == 3
+    qtbot.mouseClick(widget.stop_button, Qt.LeftButton)
+    _wait(qtbot, widget, 300)
+    assert widget.events[-1]["event"] in ("done", "error"), widget.events[-3:]
 
 
 def test_new_scribble_layers_and_paint_buttons(viewer, qtbot, tmp_path):

@@ -1,0 +1,88 @@
+"""``pretrained_weights``: the shipped weights by default where they fit the network, else from scratch."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from monai.networks.nets import UNet
+
+from s2l_monai import pretrained
+from s2l_monai.errors import ConfigError
+from s2l_monai.pretrained import fit_problem, resolve_pretrained, shipped_weights
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "bundle" / "models" / "model.pt"
+
+
+def _unet(in_channels: int = 1, channels: tuple[int, ...] = (16, 32, 64)) -> UNet:
+    """configs/train.json's ``network_def`` (the shipped weights' network) with the given channels."""
+    return UNet(spatial_dims=2, in_channels=in_channels, out_channels=2, channels=channels,
+                strides=(2,) * (len(channels) - 1), num_res_units=1)
+
+
+def test_shipped_weights_are_found_from_a_bundle_root_or_the_checkout(tmp_path):
+    assert shipped_weights(REPO) == SHIPPED
+    assert shipped_weights(tmp_path) == SHIPPED  # not under that root: the package's own checkout
+    package = tmp_path / "models" / "pretrained.pt"  # a model-zoo package's copy comes first under its root
+    package.parent.mkdir()
+    package.write_bytes(SHIPPED.read_bytes())
+    assert shipped_weights(tmp_path) == package
+
+
+def test_auto_starts_from_the_shipped_weights_where_they_fit(caplog):
+    with caplog.at_level(logging.INFO, logger="s2l_monai.pretrained"):
+        assert resolve_pretrained("auto", _unet(), REPO) == str(SHIPPED)
+    assert f"starts from the shipped weights {SHIPPED}" in caplog.text
+    net = _unet()
+    net.load_state_dict(torch.load(SHIPPED, map_location="cpu", weights_only=True))  # they do fit: strict load
+
+
+@pytest.mark.parametrize(
+    "network, why",
+    [
+        (_unet(in_channels=3), "they take 1-channel images, this network 3-channel ones"),  # H&E
+        (_unet(channels=(8, 16, 32)), "other shapes (model.0.conv.unit0.conv.weight: (16, 1, 3, 3) saved, (8, 1"),
+        (_unet(channels=(16, 32, 64, 128)), "other layers (")
+    ],
+)
+def test_auto_trains_from_scratch_where_they_do_not_fit_and_says_why(network, why, caplog):
+    with caplog.at_level(logging.INFO, logger="s2l_monai.pretrained"):
+        assert resolve_pretrained("auto", network, REPO) == ""
+    assert "do not fit this network" in caplog.text and why in caplog.text and "starts from scratch" in caplog.text
+    assert fit_problem(SHIPPED, network).startswith(why[:10])
+    assert fit_problem(SHIPPED, _unet()) is None
+
+
+def test_auto_without_shipped_weights_trains_from_scratch(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(pretrained, "SHIPPED_WEIGHTS", ("no/such/model.pt",))
+    with caplog.at_level(logging.INFO, logger="s2l_monai.pretrained"):
+        assert resolve_pretrained("auto", _unet(), tmp_path) == ""
+    assert "no shipped weights found" in caplog.text
+
+
+@pytest.mark.parametrize("value", ["", None, "none", " None ", "false", "scratch"])
+def test_empty_value_trains_from_scratch(value):
+    assert resolve_pretrained(value, _unet(), REPO) == ""
+
+
+def test_a_given_file_must_exist_and_fit(tmp_path):
+    assert resolve_pretrained(str(SHIPPED), _unet()) == str(SHIPPED)
+    with pytest.raises(ConfigError, match="pretrained_weights: .*missing.pt does not exist"):
+        resolve_pretrained(tmp_path / "missing.pt", _unet())
+    with pytest.raises(ConfigError, match=r"model.pt does not fit this network: they take 1-channel images, this "
+                                         r"network 3-channel ones"):
+        resolve_pretrained(SHIPPED, _unet(in_channels=3))
+    checkpoint = tmp_path / "checkpoint.pt"  # a checkpoint dict holding the network under "model" is read too
+    torch.save({"model": torch.load(SHIPPED, map_location="cpu", weights_only=True)}, checkpoint)
+    assert fit_problem(checkpoint, _unet()) is None
+    other = tmp_path / "other.pt"
+    torch.save([1, 2, 3], other)
+    with pytest.raises(ConfigError, match="other.pt is not a state dict of a network"):
+        resolve_pretrained(other, _unet())
+    text = tmp_path / "notes.pt"
+    text.write_text("not weights")
+    with pytest.raises(ConfigError, match="notes.pt cannot be read as PyTorch weights"):
+        resolve_pretrained(text, _unet())
