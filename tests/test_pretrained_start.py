@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from monai.networks.nets import UNet
@@ -86,3 +88,46 @@ def test_a_given_file_must_exist_and_fit(tmp_path):
     text.write_text("not weights")
     with pytest.raises(ConfigError, match="notes.pt cannot be read as PyTorch weights"):
         resolve_pretrained(text, _unet())
+
+
+def _items(membranes: bool) -> list[dict]:
+    """Two 64x64 items, ``image`` 1HW and ``scribble`` 1HW (0 background, 1 foreground, 255 unlabelled): bright cell
+    interiors between dark 2-px membranes (foreground about 77% of the pixels, like ISBI EM), or bright 12-px
+    nuclei on a dark background (foreground about 11%)."""
+    items = []
+    for _ in range(2):
+        fg = np.zeros((64, 64), bool)
+        if membranes:
+            fg[:] = True
+            for c in (0, 16, 32, 48):
+                fg[c:c + 2, :] = False
+                fg[:, c:c + 2] = False
+        else:
+            yy, xx = np.mgrid[:64, :64]
+            for cy, cx in ((16, 16), (16, 48), (48, 32)):
+                fg |= (yy - cy) ** 2 + (xx - cx) ** 2 < 36
+        image = np.where(fg, 200.0, 20.0).astype(np.float32)
+        scribble = np.full((64, 64), 255, np.uint8)
+        scribble[fg & (np.arange(64)[:, None] % 8 == 2)] = 1  # strokes inside the objects
+        scribble[~fg & (np.arange(64)[None, :] % 8 == 1)] = 0  # and on the background
+        items.append({"image": image[None], "scribble": scribble[None]})
+    return items
+
+
+@pytest.mark.parametrize("membranes, expected", [(False, True), (True, False)])
+def test_auto_starts_from_them_only_where_the_data_are_objects_on_a_background(membranes, expected, tmp_path, caplog):
+    items = _items(membranes)
+    with caplog.at_level(logging.INFO):
+        start = resolve_pretrained("auto", _unet(), REPO, items=items, output_dir=tmp_path)
+    share = json.loads((tmp_path / "class_prior.json").read_text())["image_foreground_share"]
+    assert share == pytest.approx(0.77 if membranes else 0.11, abs=0.05)  # the run's one class-prior estimate
+    assert start == (str(SHIPPED) if expected else "")
+    if not expected:
+        assert f"the scribbles put about {100 * share:.0f}% of the pixels in the foreground" in caplog.text
+        assert "starts from scratch" in caplog.text
+    assert caplog.text.count("class prior estimated from the scribbles") == 1
+    # class_weights "auto" of the same run reuses that estimate instead of computing and logging it again
+    from s2l_monai.data.balance import resolve_class_weights
+
+    weights = resolve_class_weights("auto", items, 255, tmp_path)
+    assert caplog.text.count("class prior estimated from the scribbles") == 1 and weights[1] == 1.0

@@ -32,6 +32,7 @@ from s2l_monai.data.folder import DEFAULT_VALUES, read_array
 __all__ = [
     "ClassBalance",
     "PriorEstimate",
+    "class_prior",
     "estimate_class_prior",
     "resolve_class_weights",
     "scribble_class_balance",
@@ -291,6 +292,14 @@ def resolve_class_weights(
         raise ValueError(f"class_weights must be a list of numbers, null/none or 'auto', got {class_weights!r}.")
     if items is None:
         raise ValueError("class_weights 'auto' needs the training items.")
+    return list(class_prior(items, unlabelled, output_dir).class_weights)
+
+
+def class_prior(items: Any, unlabelled: int = 255, output_dir: str | os.PathLike | None = None) -> PriorEstimate:
+    """:func:`estimate_class_prior` of a run's training items, once per run: logged, and with ``output_dir`` written to
+    ``<output_dir>/class_prior.json``. Cached per ``output_dir`` and items, so ``class_weights``,
+    ``pseudo_class_weights`` and the choice of the start (:func:`s2l_monai.pretrained.resolve_pretrained`) share one
+    estimate."""
     key = (str(output_dir), id(items))
     if key not in _PRIOR_CACHE:
         import logging
@@ -308,8 +317,8 @@ def resolve_class_weights(
                 "class_weights": estimate.class_weights,
                 "method": "per-image balanced-accuracy intensity threshold on the scribbles (s2l_monai.data.balance)",
             }, indent=2) + "\n")
-        _PRIOR_CACHE[key] = estimate.class_weights
-    return list(_PRIOR_CACHE[key])
+        _PRIOR_CACHE[key] = estimate
+    return _PRIOR_CACHE[key]
 
 
-_PRIOR_CACHE: dict[tuple[str, int], list[float]] = {}
+_PRIOR_CACHE: dict[tuple[str, int], PriorEstimate] = {}

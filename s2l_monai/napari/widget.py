@@ -470,7 +470,9 @@ class ScribbleWidget(QWidget):
             zoo = zoo_weights()
             channels = model_in_channels(zoo)
             if channels == found.in_channels:
-                overrides["pretrained_weights"] = str(zoo)
+                # the bundle's own rule decides and logs (s2l_monai.pretrained): also from scratch where the strokes
+                # say the foreground fills most of the image (EM cell interiors), which the zoo's nuclei do not
+                overrides["pretrained_weights"] = "auto"
             else:
                 start_note = (f" The zoo's weights take {channels}-channel images, these are {found.in_channels}-"
                               "channel: training from scratch.")
