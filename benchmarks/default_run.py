@@ -40,6 +40,7 @@ DRIFT_LINE = re.compile(r"step (\d+): foreground ([\d.]+)% of the pseudo-labelle
                         r"L_up background weight ([\d.]+)")
 SCHEDULE_LINE = re.compile(r"ScheduleHandler - INFO - (schedule: .*)$", re.M)
 PRIOR_LINE = re.compile(r"s2l_monai.prior - INFO - (class prior .*)$", re.M)
+START_LINE = re.compile(r"s2l_monai.pretrained - INFO - (pretrained_weights.*)$", re.M)
 
 
 def parse_ensembles(text: str) -> list[dict[str, float]]:
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     patches_per_second = steps * int(config["batch_size"]) / train_only if train_only > 0 else float("nan")
     schedule = SCHEDULE_LINE.search(log_text)
     prior = PRIOR_LINE.search(log_text)
+    start = START_LINE.search(log_text)
 
     # the run's own last step: the synthetic test split, this model beside Otsu's threshold (s2l_monai.test_report)
     report = json.loads((work / "run" / "test_evaluation" / "comparison.json").read_text())
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({100 * ensemble_total / epoch_total:.1f}%)**, {len(ensembles)} ensembles over {n_train} images",
         f"- {schedule.group(1) if schedule else 'schedule: not logged'}",
         f"- {prior.group(1) if prior else 'class prior: not logged'}",
+        f"- {start.group(1).replace(f'{REPO}/', '') if start else 'start (pretrained_weights): not logged'}",
         "",
         "## Per epoch (first, every epoch with an ensemble (its coverage and time), last)",
         "",
