@@ -11,6 +11,9 @@ weights"): better than from scratch on DSB bright-field (3 seeds) and on synthet
 trains from scratch; a path fine-tunes that file and must fit the network.
 
 MONAI's ``CheckpointLoader`` still loads the file; this module only decides which one, and says why in the log.
+A resumed run (``resume_from``) loads none: its network comes from the checkpoint (``configs/train.json`` sets
+``pretrained_path`` to ``""``; the start's loader fires at ``STARTED``, after the resume checkpoint was loaded, and
+would overwrite it).
 """
 
 from __future__ import annotations
