@@ -58,6 +58,11 @@ def test_training_run_writes_checkpoint_with_ema_store(trained):
     figure = np.asarray(Image.open(root / "out" / "test_evaluation" / "comparison.png"))
     assert figure.shape == (96, 4 * 96 + 3 * 4, 3)
     assert (root / "models" / "model.pt").is_file()
+    # the foreground threshold chosen after training from the training images, read by the test evaluation
+    calibration = json.loads((root / "models" / "model.calibration.json").read_text())
+    assert calibration["items"] == 4 and calibration["foreground_threshold"] in calibration["thresholds"]
+    assert f"foreground threshold {calibration['foreground_threshold']:.2f}: the outlines of p > t" in log
+    assert f"foreground threshold {calibration['foreground_threshold']:.2f}, calibrated after training" in log
     ckpt = torch.load(root / "models" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
     assert set(ckpt) >= {"network", "optimizer", "lr_scheduler", "ema_store", "trainer"}
     assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]
