@@ -251,8 +251,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     record = calibrate_model(args.ckpt, args.dataset_dir, args.datalist_name, in_channels=args.in_channels,
                              slice_axis=args.slice_axis)
-    print(f"foreground threshold {record['foreground_threshold']:.2f} ({record['items']} training images; "
-          f"0.5 = argmax); wrote {calibration_path(args.ckpt)}")
+    if record.get("not_calibrated"):
+        print(f"foreground threshold 0.50: {record['not_calibrated']}; wrote {calibration_path(args.ckpt)}")
+    else:
+        print(f"foreground threshold {record['foreground_threshold']:.2f} ({record['items']} training images; "
+              f"0.5 = argmax); wrote {calibration_path(args.ckpt)}")
     return 0
 
 

@@ -13,6 +13,7 @@ from scipy import ndimage as ndi
 
 from s2l_monai.calibration import (
     DEFAULT_THRESHOLD,
+    MAX_FOREGROUND_SHARE,
     THRESHOLDS,
     ThresholdCalibration,
     calibrate_after_training,
@@ -182,6 +183,12 @@ def test_calibrate_after_training_writes_skips_and_removes(tmp_path):
     record = calibrate_after_training(net, items, SimpleInferer(), "cpu", model, flips="true")
     assert record == ThresholdCalibration(net, SimpleInferer(), flips=False)(items)  # flips: same for this model
     assert resolve_threshold("auto", model) == record["foreground_threshold"] != DEFAULT_THRESHOLD
+    # data whose foreground fills most of the image (cells between membranes): the argmax, and why
+    record = calibrate_after_training(net, items, SimpleInferer(), "cpu", model, foreground_share=0.7)
+    assert record["foreground_threshold"] == DEFAULT_THRESHOLD and "70%" in record["not_calibrated"]
+    assert resolve_threshold("auto", model) == DEFAULT_THRESHOLD
+    assert calibrate_after_training(net, items, SimpleInferer(), "cpu", model,
+                                    foreground_share=MAX_FOREGROUND_SHARE)["foreground_threshold"] != 0.5
     # calibrate_threshold false: no file (a stale one would apply an old model's threshold to this one)
     assert calibrate_after_training(net, items, SimpleInferer(), "cpu", model, enabled="false") is None
     assert not calibration_path(model).exists()
