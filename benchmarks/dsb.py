@@ -563,7 +563,7 @@ def make_record(
         "n_test_nuclei": connected.get("n_nuclei"),
     }
     for key in ("n_train_images", "steps", "epochs", "iterations", "patches", "class_prior", "overrides",
-                "foreground_threshold", "eval_seconds", "wall_seconds"):
+                "foreground_threshold", "reevaluated", "eval_seconds", "wall_seconds"):
         if key in train:
             rec[key] = train[key]
     rec.update(context)
@@ -610,6 +610,7 @@ def execute_run(
         if meta_path.is_file() and ckpt.is_file():
             train = json.loads(meta_path.read_text())
             reused, train_reused_seconds = True, float(train.get("train_seconds") or 0.0)
+            train["reevaluated"] = True  # this record's evaluation is new, its training an earlier one
             prior = read_class_prior(run_dir)
             if prior is not None:
                 train.setdefault("class_prior", prior)

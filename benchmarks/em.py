@@ -392,6 +392,7 @@ def execute_run(run: EMRun, data_dir: Path, work: Path, context: dict[str, Any],
         if meta_path.is_file() and ckpt.is_file():
             train = json.loads(meta_path.read_text())
             reused, reused_seconds = True, float(train.get("train_seconds") or 0.0)
+            train["reevaluated"] = True  # this record's evaluation is new, its training an earlier one
             prior = dsb.read_class_prior(run_dir)
             if prior is not None:
                 train.setdefault("class_prior", prior)
