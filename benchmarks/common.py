@@ -391,6 +391,39 @@ def append_record(path: str | Path, record: dict[str, Any], key_fields: Sequence
     return True
 
 
+def ensure_calibration(
+    ckpt: Path, enabled: bool, calibrate_cmd: Sequence[str], cwd: str | Path, log_path: str | Path | None = None,
+    can_calibrate: bool = True,
+) -> float:
+    """The foreground threshold a run's evaluation will read (``s2l_monai.calibration``), made consistent with its
+    recipe: with calibration on (the default), a training that finished before calibration existed (a reused run
+    folder) is calibrated now by ``calibrate_cmd`` (``python -m s2l_monai calibrate ...``; training does it itself
+    since 2026-12-05); with it off, a calibration file is removed so the evaluation reads the argmax.
+    ``can_calibrate`` false (a recipe whose network ``s2l calibrate`` does not build, e.g. ``configs/paper.json``):
+    only what the training wrote is read.
+
+    Returns:
+        The threshold in ``<model>.calibration.json``, or 0.5 (the argmax) without one.
+
+    Raises:
+        RuntimeError: the calibration command failed.
+    """
+    from s2l_monai.calibration import DEFAULT_THRESHOLD, calibration_path
+
+    path = calibration_path(ckpt)
+    if not enabled:
+        if path.is_file():
+            path.unlink()
+        return DEFAULT_THRESHOLD
+    if not path.is_file() and can_calibrate:
+        res = run_measured(calibrate_cmd, cwd, log_path)
+        if res.returncode != 0 or not path.is_file():
+            raise RuntimeError(f"calibration of {ckpt} exited {res.returncode}; see {log_path}")
+    if not path.is_file():
+        return DEFAULT_THRESHOLD
+    return float(json.loads(path.read_text())["foreground_threshold"])
+
+
 def _key_value(value: Any) -> Any:
     """Normalise a key field: floats rounded (0.30000000000000004 == 0.3), everything else as is."""
     if isinstance(value, float):

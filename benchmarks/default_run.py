@@ -41,6 +41,7 @@ DRIFT_LINE = re.compile(r"step (\d+): foreground ([\d.]+)% of the pseudo-labelle
 SCHEDULE_LINE = re.compile(r"ScheduleHandler - INFO - (schedule: .*)$", re.M)
 PRIOR_LINE = re.compile(r"s2l_monai.prior - INFO - (class prior .*)$", re.M)
 START_LINE = re.compile(r"s2l_monai.pretrained - INFO - (pretrained_weights.*)$", re.M)
+THRESHOLD_LINE = re.compile(r"s2l - INFO - (foreground threshold [\d.]+: the outlines.*)$", re.M)
 
 
 def parse_ensembles(text: str) -> list[dict[str, float]]:
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     schedule = SCHEDULE_LINE.search(log_text)
     prior = PRIOR_LINE.search(log_text)
     start = START_LINE.search(log_text)
+    threshold = THRESHOLD_LINE.search(log_text)
 
     # the run's own last step: the synthetic test split, this model beside Otsu's threshold (s2l_monai.test_report)
     report = json.loads((work / "run" / "test_evaluation" / "comparison.json").read_text())
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- {schedule.group(1) if schedule else 'schedule: not logged'}",
         f"- {prior.group(1) if prior else 'class prior: not logged'}",
         f"- {start.group(1).replace(f'{REPO}/', '') if start else 'start (pretrained_weights): not logged'}",
+        f"- {threshold.group(1) if threshold else 'foreground threshold: not logged'}",
         "",
         "## Per epoch (first, every epoch with an ensemble (its coverage and time), last)",
         "",

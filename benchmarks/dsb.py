@@ -83,6 +83,9 @@ PAPER_SHORT_PROFILE: dict[str, Any] = {
 S1200_PROFILE: dict[str, Any] = {"max_steps": 1200}
 LAM1_PROFILE: dict[str, Any] = {"lambda_up": 1.0}
 NODC_PROFILE: dict[str, Any] = {"drift_control": False}
+#: ``default-argmax``: the default recipe read at the argmax (``calibrate_threshold false``: no calibrated foreground
+#: threshold, the default until 2026-12-05). Its trainings are the default's (calibration runs after training).
+ARGMAX_PROFILE: dict[str, Any] = {"calibrate_threshold": False}
 NOCRF_PROFILE: dict[str, Any] = {**S1200_PROFILE, "crf_weight": 0.0, "batch_size": 16}
 B16_PROFILE: dict[str, Any] = {**S1200_PROFILE, "batch_size": 16}
 PCW_PROFILE: dict[str, Any] = {**S1200_PROFILE, "pseudo_class_weights": "auto"}
@@ -94,6 +97,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default-1200": S1200_PROFILE,
     "default-lam1": LAM1_PROFILE,
     "default-nodc": NODC_PROFILE,
+    "default-argmax": ARGMAX_PROFILE,
     "paper": PAPER_PROFILE,
     "paper-short": PAPER_SHORT_PROFILE,
     "paper-short-balanced": {**PAPER_SHORT_PROFILE, "class_weights": [3.0, 1.0], "pseudo_class_weights": [3.0, 1.0],
@@ -117,6 +121,9 @@ PROFILE_NOTES: dict[str, str] = {
                     " retired for its cost on bright-field); Scribble2Label and Pseudo-label rows measured with it",
     "default-nodc": "the default recipe before drift control (`drift_control false`, the default until 2026-12-05);"
                     " Scribble2Label and Pseudo-label rows measured with it, to be replaced by the default's",
+    "default-argmax": "the default recipe read at the argmax (`calibrate_threshold false`; the calibrated foreground"
+                      " threshold is the default since 2026-12-05); rows measured with it, to be replaced by the"
+                      " default's",
     "paper": "configs/train.json + configs/paper.json, the authors' recipe (GPU)",
     "paper-short": "configs/paper.json (the authors' network, crops, batch, optimiser and tau/alpha/gamma) on 100"
                    " epochs with 30 of warm-up instead of 300/100 (`PAPER_SHORT_PROFILE` in dsb.py), for a GPU",
@@ -127,7 +134,7 @@ PROFILE_NOTES: dict[str, str] = {
 #: a record measured on a lent GPU machine keeps its quality figures, not its times (``em.py`` shares
 #: :func:`_gpu_note`).
 SAME_RECIPE_PROFILES: tuple[str, ...] = ("default", "default-nocrf", "default-b16", "default-pcw", "default-1200",
-                                          "default-lam1", "default-nodc")
+                                          "default-lam1", "default-nodc", "default-argmax")
 PROFILE_CONFIGS: dict[str, list[str]] = {
     "default": ["configs/train.json"],
     "default-nocrf": ["configs/train.json"],
@@ -136,6 +143,7 @@ PROFILE_CONFIGS: dict[str, list[str]] = {
     "default-1200": ["configs/train.json"],
     "default-lam1": ["configs/train.json"],
     "default-nodc": ["configs/train.json"],
+    "default-argmax": ["configs/train.json"],
     "paper": ["configs/train.json", "configs/paper.json"],
     "paper-short": ["configs/train.json", "configs/paper.json"],
     "paper-short-balanced": ["configs/train.json", "configs/paper.json"],
@@ -398,6 +406,13 @@ def eval_command(
     ]
 
 
+def calibrate_command(run: RunSpec, dataset_dir: Path, ckpt: Path) -> list[str]:
+    """``python -m s2l_monai calibrate ...``: the foreground threshold of a training that finished before training
+    calibrated it itself (see ``common.ensure_calibration``)."""
+    return [sys.executable, "-m", "s2l_monai", "calibrate", "--ckpt", str(ckpt), "--dataset_dir", str(dataset_dir),
+            "--datalist_name", run.datalist_name, "--in_channels", str(IN_CHANNELS[run.modality])]
+
+
 def eval_run_id(config: Path | None = None) -> str:
     """The run id of ``configs/evaluate.json``: ``evaluate`` if it defines one, else ``evaluating``, else ``run``."""
     keys = json.loads((config or REPO_ROOT / "configs" / "evaluate.json").read_text())
@@ -548,7 +563,7 @@ def make_record(
         "n_test_nuclei": connected.get("n_nuclei"),
     }
     for key in ("n_train_images", "steps", "epochs", "iterations", "patches", "class_prior", "overrides",
-                "eval_seconds", "wall_seconds"):
+                "foreground_threshold", "reevaluated", "eval_seconds", "wall_seconds"):
         if key in train:
             rec[key] = train[key]
     rec.update(context)
@@ -595,6 +610,7 @@ def execute_run(
         if meta_path.is_file() and ckpt.is_file():
             train = json.loads(meta_path.read_text())
             reused, train_reused_seconds = True, float(train.get("train_seconds") or 0.0)
+            train["reevaluated"] = True  # this record's evaluation is new, its training an earlier one
             prior = read_class_prior(run_dir)
             if prior is not None:
                 train.setdefault("class_prior", prior)
@@ -627,6 +643,12 @@ def execute_run(
             if prior is not None:
                 train["class_prior"] = prior
             common.write_json_atomic(meta_path, train)
+        from s2l_monai.inference_io import as_bool
+
+        cfg = _effective_config(profile, train_overrides(run, profile, smoke))
+        train["foreground_threshold"] = common.ensure_calibration(
+            ckpt, as_bool(cfg.get("calibrate_threshold", True)), calibrate_command(run, dataset_dir, ckpt), REPO_ROOT,
+            log, can_calibrate=PROFILE_CONFIGS[profile] == ["configs/train.json"])
         summaries, eval_seconds = {}, 0.0
         for method in ("connected", "watershed"):
             out = run_dir / f"eval_{method}"
@@ -723,8 +745,8 @@ def records_table(records: Sequence[dict[str, Any]]) -> str:
     """Every record, in plan order, with the instance metrics, the training volume and the costs."""
     plan_keys = {r.key: i for i, r in enumerate(build_plan())}
     headers = ["dataset", "ratio", "method", "seed", "IoU", "mDice", "mDice (paper var.)", "DSB cc", "DSB ws",
-               "PQ cc", "PQ ws", "AJI", "F1@0.5", "steps", "class w.", "train s", "peak RSS MB", "img/s", "profile",
-               "ran on"]
+               "PQ cc", "PQ ws", "AJI", "F1@0.5", "steps", "class w.", "thr.", "train s", "peak RSS MB", "img/s",
+               "profile", "ran on"]
     rows = []
     for r in sorted(records, key=lambda r: _order_index(r, plan_keys)):
         ratio = r.get("ratio")
@@ -744,6 +766,7 @@ def records_table(records: Sequence[dict[str, Any]]) -> str:
             common.fmt(r.get("f1_50")),
             common.fmt(r["steps"] if r.get("steps") is not None else r.get("iterations"), 0),
             class_weights_cell(r),
+            threshold_cell(r),
             common.fmt(r.get("train_seconds"), 0),
             common.fmt(r.get("peak_rss_mb"), 0),
             common.fmt(r.get("images_per_second"), 1),
@@ -751,6 +774,15 @@ def records_table(records: Sequence[dict[str, Any]]) -> str:
             ran_on(r.get("machine")),
         ])
     return common.markdown_table(headers, rows, align=["l", "r", "l", "r"] + ["r"] * (len(headers) - 4))
+
+
+def threshold_cell(record: dict[str, Any]) -> str:
+    """The foreground threshold the record's evaluation read its model at: calibrated (``s2l_monai.calibration``),
+    0.5 for records from before calibration (the argmax), ``–`` for Otsu."""
+    if record.get("method") == "otsu":
+        return common.DASH
+    value = record.get("foreground_threshold")
+    return "0.5" if value is None else f"{float(value):g}"
 
 
 def _weights_text(weights: Any) -> str | None:
@@ -989,7 +1021,9 @@ def derived_ema_alpha(cfg: dict[str, Any]) -> float | None:
 RECORDS_LEGEND: tuple[str, ...] = (
     "cc = connected components (primary), ws = distance-transform watershed. steps = optimiser steps trained",
     "(final trainer state); class w. = class weights [background, foreground] of the scribble loss: `auto [...]`",
-    "estimated from the scribbles at the start (`train/class_prior.json`), a list = given, `none` = unweighted.",
+    "estimated from the scribbles at the start (`train/class_prior.json`), a list = given, `none` = unweighted;",
+    "thr. = foreground threshold the model was read at (calibrated after training from the training images' edges,",
+    "`s2l_monai.calibration`; 0.5 = the argmax).",
     "Train s = training wall time; peak RSS = max over 0.5 s polls of the summed VmRSS of the training process and",
     "its children (for Otsu: of the evaluation); img/s = training patches (steps × patches per step) per second.",
 )

@@ -91,6 +91,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default-1200": dsb.S1200_PROFILE,
     "default-lam1": dsb.LAM1_PROFILE,
     "default-nodc": dsb.NODC_PROFILE,
+    "default-argmax": dsb.ARGMAX_PROFILE,
     "gpu-short": GPU_SHORT_PROFILE,
 }
 #: One line per profile for the report.
@@ -107,6 +108,7 @@ PROFILE_NOTES: dict[str, str] = {
                     " retired for its cost on bright-field); Scribble2Label rows measured with it",
     "default-nodc": "the default recipe before drift control (`drift_control false`, the default until 2026-12-05);"
                     " Scribble2Label rows measured with it, to be replaced by the default's",
+    "default-argmax": dsb.PROFILE_NOTES["default-argmax"],
     "gpu-short": "one lent GPU shared by the trainings of one lease, 256x256 patches, 100 epochs with 30 of warm-up"
                  " within 330 s (`GPU_SHORT_PROFILE` in em.py)",
 }
@@ -390,6 +392,7 @@ def execute_run(run: EMRun, data_dir: Path, work: Path, context: dict[str, Any],
         if meta_path.is_file() and ckpt.is_file():
             train = json.loads(meta_path.read_text())
             reused, reused_seconds = True, float(train.get("train_seconds") or 0.0)
+            train["reevaluated"] = True  # this record's evaluation is new, its training an earlier one
             prior = dsb.read_class_prior(run_dir)
             if prior is not None:
                 train.setdefault("class_prior", prior)
@@ -416,6 +419,12 @@ def execute_run(run: EMRun, data_dir: Path, work: Path, context: dict[str, Any],
             if prior is not None:
                 train["class_prior"] = prior
             common.write_json_atomic(meta_path, train)
+        from s2l_monai.inference_io import as_bool
+
+        calibrate = [sys.executable, "-m", "s2l_monai", "calibrate", "--ckpt", str(ckpt), "--dataset_dir",
+                     str(data_dir), "--datalist_name", run.datalist_name, "--slice_axis", str(SLICE_AXIS)]
+        enabled = as_bool(effective_config(train_overrides(run, smoke, profile)).get("calibrate_threshold", True))
+        train["foreground_threshold"] = common.ensure_calibration(ckpt, enabled, calibrate, REPO_ROOT, log)
         eval_seconds = 0.0
         for method in ("connected", "watershed"):
             out = run_dir / f"eval_{method}"

@@ -182,6 +182,11 @@ def _stage(root: Path, model: Path, version: str, repo: str, info: dict[str, Any
     # where every training starts (train.json's pretrained_weights "auto", s2l_monai.pretrained): models/model.pt
     # is what a training of the package writes, so the shipped weights keep a copy of their own
     shutil.copy2(model, root / "models" / "pretrained.pt")
+    # the weights' foreground threshold (s2l_monai.calibration), read by the package's inference
+    from s2l_monai.calibration import calibration_path
+
+    if calibration_path(model).is_file():
+        shutil.copy2(calibration_path(model), root / "models" / "model.calibration.json")
     (root / "large_files.yml").write_text(
         "large_files:\n"
         '  - path: "models/model.pt"\n'

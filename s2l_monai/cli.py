@@ -225,6 +225,40 @@ def _cmd_balance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_calibrate(subparsers: Any) -> None:
+    """Register ``s2l calibrate``."""
+    sub = subparsers.add_parser(
+        "calibrate",
+        help="choose a trained model's foreground threshold from its training images (no labels needed)",
+        description=(
+            "Segment up to 64 training images of a datalist with a saved model.pt and choose the foreground "
+            "threshold whose outlines lie on the strongest image edges; write it to <model>.calibration.json, "
+            "which inference reads (foreground_threshold auto). Training does this by itself at its end; use this "
+            "for weights trained before it existed or trained elsewhere."
+        ),
+    )
+    sub.add_argument("--ckpt", required=True, help="the trained weights (model.pt)")
+    sub.add_argument("--dataset_dir", required=True, help="the dataset folder holding the datalist")
+    sub.add_argument("--datalist_name", default="datalist.json", help="the datalist's file name")
+    sub.add_argument("--in_channels", type=int, default=1, help="the model's input channels (default 1)")
+    sub.add_argument("--slice_axis", type=int, default=None, help="volumes: the slice axis (as in training)")
+    sub.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    """Run :func:`s2l_monai.calibration.calibrate_model` and print its choice."""
+    from s2l_monai.calibration import calibrate_model, calibration_path
+
+    record = calibrate_model(args.ckpt, args.dataset_dir, args.datalist_name, in_channels=args.in_channels,
+                             slice_axis=args.slice_axis)
+    if record.get("not_calibrated"):
+        print(f"foreground threshold 0.50: {record['not_calibrated']}; wrote {calibration_path(args.ckpt)}")
+    else:
+        print(f"foreground threshold {record['foreground_threshold']:.2f} ({record['items']} training images; "
+              f"0.5 = argmax); wrote {calibration_path(args.ckpt)}")
+    return 0
+
+
 def _add_suggest(subparsers: Any) -> None:
     """Register ``s2l suggest``."""
     sub = subparsers.add_parser(
@@ -337,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_otsu(commands)
     _add_balance(commands)
+    _add_calibrate(commands)
     _add_suggest(commands)
     _add_bundle_commands(commands)
     return parser

@@ -536,6 +536,8 @@ class Instancesd(MapTransform):
             to the input key to replace the prediction.
         postfix: suffix used when ``output_key`` is ``None``.
         threshold: probability threshold for single-channel floating-point input.
+        foreground_threshold: for two-channel probabilities, foreground where channel 1 exceeds it (0.5: the
+            argmax; see :mod:`s2l_monai.calibration`).
         allow_missing_keys: do not raise for absent keys.
         **kwargs: further arguments of the chosen post-processing function (e.g. ``h``, ``sigma``).
 
@@ -552,6 +554,7 @@ class Instancesd(MapTransform):
         postfix: str = "_instances",
         threshold: float = 0.5,
         allow_missing_keys: bool = False,
+        foreground_threshold: float = 0.5,
         **kwargs: Any,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -566,6 +569,7 @@ class Instancesd(MapTransform):
         self.method = method
         self.min_size = int(min_size)
         self.threshold = float(threshold)
+        self.foreground_threshold = float(foreground_threshold)
         self.kwargs = kwargs
 
     def _foreground(self, img: Any) -> np.ndarray:
@@ -573,6 +577,8 @@ class Instancesd(MapTransform):
         if arr.ndim < 3:
             raise ValueError(f"expected channel-first data (1HW or CHW), got shape {arr.shape}")
         if arr.shape[0] == 2:
+            if self.foreground_threshold != 0.5:
+                return arr[1] > self.foreground_threshold
             return second_channel_wins(arr[0], arr[1])
         if arr.shape[0] > 2:
             return np.argmax(arr, axis=0) == 1

@@ -208,7 +208,8 @@ def test_default_profile_adds_only_the_method_overrides(tmp_path: Path) -> None:
     assert dsb.default_results("default", True, tmp_path) == tmp_path / "results_smoke" / "dsb.json"
     assert dsb.build_parser().parse_args([]).profile == "default"
     assert set(dsb.PROFILES) == {"default", "default-nocrf", "default-b16", "default-pcw", "default-1200",
-                                 "default-lam1", "default-nodc", "paper", "paper-short", "paper-short-balanced"}
+                                 "default-lam1", "default-nodc", "default-argmax", "paper", "paper-short",
+                                 "paper-short-balanced"}
     # the retired defaults all ran 1200 steps: their overrides keep them true whatever the default's budget is now
     assert dsb.PROFILES["default-nocrf"] == {"crf_weight": 0.0, "batch_size": 16, "max_steps": 1200}
     assert dsb.PROFILES["default-b16"] == {"batch_size": 16, "max_steps": 1200}
@@ -276,6 +277,33 @@ def test_class_prior_is_read_from_the_run_folder(tmp_path: Path) -> None:
     archived = {k: v for k, v in rec.items() if k != "steps"}
     old = dsb.records_table([{**archived, "iterations": 738}]).splitlines()[2]
     assert [c.strip() for c in old.strip("|").split("|")][header.index("steps")] == "738"
+
+
+def test_foreground_threshold_of_a_run(tmp_path: Path) -> None:
+    """Records say which threshold their model was read at; a reused training from before calibration is calibrated
+    by the given command, a recipe with calibration off reads the argmax (its stale file removed)."""
+    run = dsb.RunSpec("fluorescence", 0.3, "s2l", 0)
+    rec = dsb.make_record(run, {"iou": 0.8}, {}, {"foreground_threshold": 0.35}, {"profile": "default"})
+    assert dsb.threshold_cell(rec) == "0.35" and dsb.threshold_cell({"method": "s2l"}) == "0.5"
+    assert dsb.threshold_cell({"method": "otsu"}) == "–"
+    table = dsb.records_table([rec])
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert [c.strip() for c in table.splitlines()[2].strip("|").split("|")][header.index("thr.")] == "0.35"
+    assert dsb.PROFILES["default-argmax"] == {"calibrate_threshold": False}
+    cmd = dsb.calibrate_command(run, tmp_path / "data", tmp_path / "model.pt")
+    assert cmd[1:4] == ["-m", "s2l_monai", "calibrate"] and cmd[cmd.index("--in_channels") + 1] == "1"
+
+    ckpt = tmp_path / "ckpt" / "model.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"weights")
+    sidecar = tmp_path / "ckpt" / "model.calibration.json"
+    write = [sys.executable, "-c", f"open({str(sidecar)!r}, 'w').write('{{\"foreground_threshold\": 0.4}}')"]
+    assert common.ensure_calibration(ckpt, True, write, tmp_path) == 0.4  # calibrated now
+    assert common.ensure_calibration(ckpt, True, [sys.executable, "-c", "raise SystemExit(3)"], tmp_path) == 0.4
+    assert common.ensure_calibration(ckpt, False, write, tmp_path) == 0.5 and not sidecar.exists()
+    with pytest.raises(RuntimeError, match="calibration of"):
+        common.ensure_calibration(ckpt, True, [sys.executable, "-c", "raise SystemExit(3)"], tmp_path)
+    assert common.ensure_calibration(ckpt, True, write, tmp_path, can_calibrate=False) == 0.5
 
 
 def test_recipe_line_reads_the_configs() -> None:

@@ -58,6 +58,12 @@ def test_training_run_writes_checkpoint_with_ema_store(trained):
     figure = np.asarray(Image.open(root / "out" / "test_evaluation" / "comparison.png"))
     assert figure.shape == (96, 4 * 96 + 3 * 4, 3)
     assert (root / "models" / "model.pt").is_file()
+    # the foreground threshold after training: these crowded images (nuclei fill ~70%) are read at the argmax, and
+    # the record says why; the test evaluation reads it
+    calibration = json.loads((root / "models" / "model.calibration.json").read_text())
+    assert calibration["foreground_threshold"] == 0.5 and "not objects on a background" in calibration["not_calibrated"]
+    assert "foreground threshold 0.50: the scribbles put about" in log
+    assert "foreground threshold 0.50, calibrated after training" in log
     ckpt = torch.load(root / "models" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
     assert set(ckpt) >= {"network", "optimizer", "lr_scheduler", "ema_store", "trainer"}
     assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]
@@ -172,6 +178,10 @@ def test_default_starts_from_the_shipped_weights(trained, tmp_path):
     log = started.stdout + started.stderr
     assert f"pretrained_weights=auto: the network starts from the shipped weights {shipped}" in log, log[-3000:]
     assert f"Restored all variables from {shipped}" in log
+    # nuclei on a background: the threshold is calibrated on the 4 training images
+    calibration = json.loads((tmp_path / "models" / "model.calibration.json").read_text())
+    assert calibration["items"] == 4 and calibration["foreground_threshold"] in calibration["thresholds"]
+    assert f"foreground threshold {calibration['foreground_threshold']:.2f}: the outlines of p > t" in log
     before = torch.load(shipped, map_location="cpu")
     after = torch.load(tmp_path / "models" / "model.pt", map_location="cpu")
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -50,7 +50,7 @@ def test_default_profile_adds_only_the_volume_keys_and_the_method_overrides(tmp_
     assert em.PROFILES["default"] == {}
     # the retired CPU profiles are gone
     assert set(em.PROFILES) == {"default", "default-nocrf", "default-b16", "default-pcw", "default-1200",
-                                "default-lam1", "default-nodc", "gpu-short"}
+                                "default-lam1", "default-nodc", "default-argmax", "gpu-short"}
     for method in ("s2l", "pce", "full"):
         run = em.EMRun(method, 1)
         cmd = em.train_command(run, tmp_path / "data", tmp_path / "run")

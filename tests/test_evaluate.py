@@ -127,6 +127,8 @@ def test_evaluate_bundle_merged_with_inference_config(tmp_path):
     net = default_network()
     (tmp_path / "models").mkdir()
     torch.save(net.state_dict(), tmp_path / "models" / "model.pt")
+    # a calibrated foreground threshold beside the weights (configs/evaluate.json must import its module too)
+    (tmp_path / "models" / "model.calibration.json").write_text('{"foreground_threshold": 0.45}')
     make_synthetic_dataset(tmp_path / "data", n_train=2, n_val=1, n_test=2, shape=(96, 80))
     out = tmp_path / "eval"
     cmd = [
@@ -139,6 +141,7 @@ def test_evaluate_bundle_merged_with_inference_config(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "Metrics -- " in proc.stdout + proc.stderr and " iou: " in proc.stdout + proc.stderr
+    assert "foreground threshold 0.45, calibrated after training" in proc.stdout + proc.stderr
 
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == SUMMARY_KEYS and summary["n_images"] == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -218,6 +219,32 @@ def test_written_semantic_is_argmax_of_network_on_preprocessed_image(inputs, png
     assert np.all(np.abs(prob[1] - prob[0])[differ] < 1e-4), f"{differ.sum()} pixels differ"
     assert 0 < expected.mean() < 1  # both classes present, so orientation is actually tested
     np.testing.assert_allclose(_read(png_run / "a_prob.tif"), prob[1], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_inference_reads_the_calibrated_threshold(inputs, png_run, tmp_path):
+    """A ``model.calibration.json`` beside the weights (written after training) sets the foreground threshold of the
+    semantic masks and the instances; ``--foreground_threshold`` overrides it."""
+    root, images, _ = inputs
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(root / "models" / "model.pt", models / "model.pt")
+    prob = _read(png_run / "a_prob.tif")
+    t = float(np.quantile(prob, 0.3))  # a threshold that moves many pixels of this random model
+    (models / "model.calibration.json").write_text(json.dumps({"foreground_threshold": t}))
+    for name, extra in (("auto", []), ("given", ["--foreground_threshold", "0.5"])):
+        out = tmp_path / name
+        proc = _run_bundle("inference", "configs/inference.json", "--ckpt_path", str(models / "model.pt"),
+                           "--input_dir", str(images), "--output_dir", str(out), "--save_probabilities", "true",
+                           "--infer_roi_size", "[96,80]", *extra)
+        semantic = _read(out / "a_semantic.png")
+        np.testing.assert_allclose(_read(out / "a_prob.tif"), prob, atol=1e-6)
+        expected = prob > (t if name == "auto" else 0.5)
+        assert np.mean(semantic == expected) > 0.999, name
+        _check_consistent(semantic, _read(out / "a_instances.png"))
+        if name == "auto":
+            assert f"foreground threshold {t:.2f}, calibrated after training" in proc.stdout + proc.stderr
+            assert (prob > t).mean() > (prob > 0.5).mean() + 0.1
 
 
 @pytest.mark.slow

@@ -69,6 +69,9 @@ def test_default_build_ships_the_pretrained_weights_and_their_metrics(tmp_path: 
         shipped = zf.read("scribble2label/models/model.pt")
         readme = zf.read("scribble2label/docs/README.md").decode()
         meta = json.loads(zf.read("scribble2label/configs/metadata.json"))
+        calibration = zf.read("scribble2label/models/model.calibration.json")
     assert hashlib.sha256(shipped).digest() == hashlib.sha256(MODEL.read_bytes()).digest()
+    # the weights' foreground threshold ships with them (inference reads it; s2l_monai.calibration)
+    assert calibration == (MODEL.parent / "model.calibration.json").read_bytes()
     assert f"{stated['iou']:.4f}" in readme and f"{stated['dsb']:.4f}" in readme
     assert meta["eval_metrics"]["iou"] == stated["iou"]

@@ -17,6 +17,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.bundle_config import LABELS, read_config
 from lib.image_io import read_image, result_suffix, write_result
+from s2l_monai.calibration import resolve_threshold
 from s2l_monai.inferers import FlipAveragingInferer
 from s2l_monai.transforms import SelectPercentiles
 
@@ -54,11 +55,22 @@ class LoadForBundle:
 
 
 class ToLabel:
-    """Post-transform: softmax, arg-max, one uint8 class map (``HW`` or ``ZYX``; 1 = nucleus)."""
+    """Post-transform: one uint8 class map (``HW`` or ``ZYX``; 1 = nucleus) from the network's logits, read at the
+    model's foreground threshold: the calibration training wrote beside ``model_path``
+    (:func:`s2l_monai.calibration.resolve_threshold`, looked up on every call because training replaces the
+    model), else the argmax."""
+
+    def __init__(self, model_path: Path) -> None:
+        self.model_path = model_path
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         pred = torch.as_tensor(data["pred"]).float()
-        data["pred"] = torch.argmax(pred, dim=0).cpu().numpy().astype(np.uint8)
+        threshold = resolve_threshold("auto", self.model_path)
+        if threshold == 0.5 or pred.shape[0] != 2:
+            label = torch.argmax(pred, dim=0)
+        else:
+            label = torch.softmax(pred, dim=0)[1] > threshold
+        data["pred"] = label.cpu().numpy().astype(np.uint8)
         return data
 
 
@@ -130,7 +142,7 @@ class ScribbleInferTask(BasicInferTask):
         return self.bundle_inferer
 
     def post_transforms(self, data: Any = None) -> Sequence[Callable]:
-        return [ToLabel()]
+        return [ToLabel(self.bundle / "models" / "model.pt")]
 
     def writer(self, data: dict[str, Any], extension: Any = None, dtype: Any = None) -> tuple[Any, Any]:
         """Write the class map in numpy orientation (no transposition), next to nothing in the datastore."""

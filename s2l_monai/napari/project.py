@@ -414,6 +414,7 @@ class Project:
         target = Path(target)
         (target / "models").mkdir(parents=True, exist_ok=True)
         shutil.copy2(self.model_path, target / "models" / "model.pt")
+        _copy_calibration(self.model_path, target / "models" / "model.pt")
         if configs_dir.is_dir():
             shutil.copytree(configs_dir, target / "configs", dirs_exist_ok=True)
         return target / "models" / "model.pt"
@@ -429,7 +430,20 @@ class Project:
         self.models_dir.mkdir(parents=True, exist_ok=True)
         if source.resolve() != self.model_path.resolve():
             shutil.copy2(source, self.model_path)
+            _copy_calibration(source, self.model_path)
         return self.model_path
+
+
+def _copy_calibration(source: Path, target: Path) -> None:
+    """The model's foreground threshold goes with it (``<model>.calibration.json``); a stale one at the target is
+    removed, so a model without one is read at the argmax."""
+    from s2l_monai.calibration import calibration_path
+
+    src, dst = calibration_path(source), calibration_path(target)
+    if src.is_file():
+        shutil.copy2(src, dst)
+    elif dst.is_file():
+        dst.unlink()
 
 
 def read_result(path: Path) -> np.ndarray:

@@ -635,8 +635,8 @@ class ScribbleWidget(QWidget):
             if self._mode == "train":
                 stopped = "stopped" if event.get("stopped") else "finished"
                 path = self._project().model_path if self._project() else "model.pt"
-                self._say(f"Training {stopped} after {event.get('step')} steps; model: {path}. Segment, or add "
-                          "strokes and Continue.")
+                self._say(f"Training {stopped} after {event.get('step')} steps; model: {path}.{_threshold_note(path)}"
+                          " Segment, or add strokes and Continue.")
             else:
                 self._say("Segmented: '<image> mask' (nucleus = 1) and '<image> nuclei' (one label per nucleus).")
         elif kind == "error":
@@ -687,3 +687,17 @@ class ScribbleWidget(QWidget):
         if mode == "segment":
             self.progress.setValue(self.progress.maximum())
         self.worker = None
+
+
+def _threshold_note(model_path: Any) -> str:
+    """What the model's calibration record says (``s2l_monai.calibration``), for the message after training."""
+    from s2l_monai.calibration import calibration_path
+
+    try:
+        record = json.loads(calibration_path(model_path).read_text())
+    except (OSError, ValueError):
+        return ""
+    if record.get("not_calibrated"):
+        return " Read at the argmax (foreground threshold 0.5): the nuclei fill most of the image."
+    return (f" Read at foreground threshold {float(record['foreground_threshold']):.2f}, where the mask outlines lie "
+            "on the image's edges.")

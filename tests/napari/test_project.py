@@ -166,11 +166,20 @@ def test_model_save_as_bundle_and_load(tmp_path):
     project.models_dir.mkdir(parents=True)
     network = default_network()
     torch.save(network.state_dict(), project.model_path)
+    (project.models_dir / "model.calibration.json").write_text('{"foreground_threshold": 0.35}')
     saved = project.save_bundle(tmp_path / "bundle", configs_dir())
     assert saved == tmp_path / "bundle" / "models" / "model.pt"
     assert (tmp_path / "bundle" / "configs" / "inference.json").is_file()
     other = Project(tmp_path / "q")
+    other.models_dir.mkdir(parents=True)
+    (other.models_dir / "model.calibration.json").write_text('{"foreground_threshold": 0.7}')  # a stale one
     assert other.load_model(tmp_path / "bundle") == other.model_path  # a bundle folder, or its model.pt
+    # the model's foreground threshold travels with it both ways
+    assert '"foreground_threshold": 0.35' in (other.models_dir / "model.calibration.json").read_text()
+    (tmp_path / "bundle" / "models" / "model.calibration.json").unlink()
+    other.model_path.unlink()
+    other.load_model(tmp_path / "bundle")
+    assert not (other.models_dir / "model.calibration.json").exists()  # none: no stale threshold left behind
     loaded = torch.load(other.model_path, map_location="cpu", weights_only=True)
     assert all(torch.equal(loaded[k], v) for k, v in network.state_dict().items())
     assert model_in_channels(other.model_path) == 1

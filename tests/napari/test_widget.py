@@ -144,6 +144,12 @@ def test_train_shows_live_pseudo_labels_then_segment(viewer, qtbot, project):
     datalist = json.loads((project / "dataset" / "datalist.json").read_text())
     assert [i["id"] for i in datalist["training"]] == [item_id(SAMPLE_NAME)]
     assert (project / "models" / "model.pt").is_file() and (project / "models" / "checkpoint_final.pt").is_file()
+    # the model's foreground threshold, calibrated after training, is said and used by Segment
+    calibration = json.loads((project / "models" / "model.calibration.json").read_text())
+    if calibration.get("not_calibrated"):
+        assert "Read at the argmax" in widget.message, widget.message
+    else:
+        assert f"Read at foreground threshold {calibration['foreground_threshold']:.2f}" in widget.message
 
     qtbot.mouseClick(widget.segment_button, Qt.LeftButton)
     _wait(qtbot, widget)
