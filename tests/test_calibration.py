@@ -192,3 +192,28 @@ def test_calibrate_after_training_writes_skips_and_removes(tmp_path):
     # calibrate_threshold false: no file (a stale one would apply an old model's threshold to this one)
     assert calibrate_after_training(net, items, SimpleInferer(), "cpu", model, enabled="false") is None
     assert not calibration_path(model).exists()
+
+
+def test_s2l_calibrate_on_saved_weights(tmp_path, capsys):
+    """``s2l calibrate`` builds the network, data and inferer of configs/train.json, loads a saved model.pt and writes
+    its calibration; on data whose foreground fills most of the image it keeps the argmax and says why."""
+    from s2l_testing import default_network
+
+    from s2l_monai.cli import main
+    from s2l_monai.data.synthetic import make_synthetic_dataset
+
+    torch.manual_seed(0)
+    model = tmp_path / "model.pt"
+    torch.save(default_network().state_dict(), model)
+    make_synthetic_dataset(tmp_path / "sparse", n_train=3, n_val=0, n_test=0, shape=(160, 160), seed=3)
+    assert main(["calibrate", "--ckpt", str(model), "--dataset_dir", str(tmp_path / "sparse")]) == 0
+    record = json.loads(calibration_path(model).read_text())
+    assert record["items"] == 3 and record["foreground_threshold"] in THRESHOLDS
+    assert f"foreground threshold {record['foreground_threshold']:.2f} (3 training images" in capsys.readouterr().out
+    make_synthetic_dataset(tmp_path / "crowded", n_train=3, n_val=0, n_test=0, shape=(96, 96), seed=3)
+    assert main(["calibrate", "--ckpt", str(model), "--dataset_dir", str(tmp_path / "crowded")]) == 0
+    assert "not objects on a background" in capsys.readouterr().out
+    assert resolve_threshold("auto", model) == DEFAULT_THRESHOLD
+    # a missing file: one short error naming it
+    assert main(["calibrate", "--ckpt", str(tmp_path / "absent.pt"), "--dataset_dir", str(tmp_path / "sparse")]) != 0
+    assert f"{tmp_path / 'absent.pt'}: no such model file" in capsys.readouterr().err
