@@ -5,8 +5,8 @@ A network trained on scribbles never sees a nucleus boundary: strokes run along 
 background, so where its foreground probability crosses 0.5 is an extrapolation, and it is biased in a way that
 depends on the data. Measured on the DSB2018 validation splits (Scribble2Label, default recipe, 30% scribbles;
 ``docs/configuration.md``, "The foreground threshold"): fluorescence and H&E masks come out too tight (IoU best at
-a threshold near 0.3 / 0.2, +0.009 / +0.012 over 0.5), bright-field masks too wide (best near 0.7, +0.02 to
-+0.04). No single fixed threshold serves all three.
+a threshold near 0.3 / 0.2, +0.009 / +0.012 over 0.5), bright-field masks too wide (best near 0.7-0.8, +0.017 to
++0.038). No single fixed threshold serves all three.
 
 The boundary annotators draw is where the intensity changes fastest. So, over a set of images the model segments,
 the outline of ``p > t`` (the mask's inner boundary pixels) is scored by the mean Gaussian gradient magnitude of
