@@ -93,7 +93,9 @@ def test_3d_inference_and_evaluation_keep_the_input_geometry(trained_3d, tmp_pat
         assert out.geometry.unit == "micron"
     semantic = Volume(tmp_path / "infer" / "vol_semantic.tif").read()
     prob = Volume(tmp_path / "infer" / "vol_prob.tif").read()
-    np.testing.assert_array_equal(semantic, (prob > 0.5).astype(np.uint8))  # argmax of two classes
+    # the semantic mask is the probability read at the threshold the training calibrated on its slices
+    threshold = json.loads((root / "models" / "model.calibration.json").read_text())["foreground_threshold"]
+    np.testing.assert_array_equal(semantic, (prob > threshold).astype(np.uint8))
     inst = np.asarray(Volume(tmp_path / "infer" / "vol_instances.tif").read())
     assert set(np.unique(inst).tolist()) == set(range(int(inst.max()) + 1))  # 3D components, ids 1..N
 
