@@ -84,7 +84,7 @@ GPU_SHORT_PROFILE: dict[str, Any] = {
 PROFILES: dict[str, dict[str, Any]] = {
     "default": DEFAULT_PROFILE,
     # retired defaults (dsb.py's NOCRF_PROFILE, B16_PROFILE, PCW_PROFILE, S1200_PROFILE, LAM1_PROFILE,
-    # NODC_PROFILE): their records until the default's exist
+    # NODC_PROFILE, ARGMAX_PROFILE), to re-run them; their records are in results/archive/em_default_*.json
     "default-nocrf": dsb.NOCRF_PROFILE,
     "default-b16": dsb.B16_PROFILE,
     "default-pcw": dsb.PCW_PROFILE,
@@ -567,7 +567,8 @@ def render_report(records: Sequence[dict[str, Any]], header: dict[str, Any]) -> 
         "MICCAI 2020, Table 1, EM column. Every model is read at the argmax: the default's calibrated foreground",
         "threshold keeps 0.5 where the foreground fills most of the image (cell interiors, 70% here; on EM",
         "validation the edge criterion would have chosen 0.2 and merged the cells: docs/configuration.md).",
-        "Results of retired recipes (the CPU profiles `cpu`, `cpu-a05`, `cpu-pcw`) are in `archive/`.",
+        "Results of retired recipes (the CPU profiles `cpu`, `cpu-a05`, `cpu-pcw`, and the `default-*` profiles of",
+        "earlier defaults) are in `archive/`.",
         *dsb._gpu_note(records, profiles),
         "",
         main_table(records),
