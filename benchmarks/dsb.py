@@ -69,10 +69,10 @@ PAPER_SHORT_PROFILE: dict[str, Any] = {
 }
 #: Retired defaults, kept to re-run them. Their records stayed in dsb.json until every cell had a default record
 #: (the report shows a default record where a cell has one, else these, marked with their profile); since
-#: 2026-12-05 they are all in ``results/archive/dsb_default_retired_profiles.json`` (``default-lam1``'s in
-#: ``dsb_default_lam1.json``). ``default-nocrf``: the default before
-#: its CRF term (until 2026-12-02, batch 16), its Scribble2Label records; ``default-b16``: the default with batch 16
-#: (until 2026-12-03), the baselines' records (they turn the CRF off themselves); ``default-pcw``: the default with
+#: 2026-12-05 they are all in ``results/archive/dsb_default_retired_profiles.json`` (but ``default-lam1``, below).
+#: ``default-nocrf``: the default before its CRF term (until 2026-12-02, batch 16), its Scribble2Label records;
+#: ``default-b16``: the default with batch 16 (until 2026-12-03), the baselines' records (they turn the CRF off
+#: themselves); ``default-pcw``: the default with
 #: L_up weighted by the estimated class weights (``pseudo_class_weights "auto"``, until 2026-12-03), the records of
 #: the methods that have an L_up (Scribble2Label, Pseudo-label); pCE, rLoss and Full have none, so their default
 #: records stand as they are. ``default-1200``: the default with 1200 optimiser steps (until 2026-12-03), every
