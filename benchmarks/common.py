@@ -393,14 +393,16 @@ def append_record(path: str | Path, record: dict[str, Any], key_fields: Sequence
 
 def ensure_calibration(
     ckpt: Path, enabled: bool, calibrate_cmd: Sequence[str], cwd: str | Path, log_path: str | Path | None = None,
-    can_calibrate: bool = True,
+    can_calibrate: bool = True, refine_weight: float | None = None,
 ) -> float:
     """The foreground threshold a run's evaluation will read (``s2l_monai.calibration``), made consistent with its
     recipe: with calibration on (the default), a training that finished before calibration existed (a reused run
     folder) is calibrated now by ``calibrate_cmd`` (``python -m s2l_monai calibrate ...``; training does it itself
     since 2026-12-05); with it off, a calibration file is removed so the evaluation reads the argmax.
     ``can_calibrate`` false (a recipe whose network ``s2l calibrate`` does not build, e.g. ``configs/paper.json``):
-    only what the training wrote is read.
+    only what the training wrote is read. ``refine_weight`` (the recipe's boundary refinement): a calibration made
+    with another one (e.g. before refinement existed, 2026-12-05) is made again, as the threshold is chosen on the
+    refined probabilities; a record that did not calibrate (not objects on a background) is kept.
 
     Returns:
         The threshold in ``<model>.calibration.json``, or 0.5 (the argmax) without one.
@@ -415,13 +417,25 @@ def ensure_calibration(
         if path.is_file():
             path.unlink()
         return DEFAULT_THRESHOLD
-    if not path.is_file() and can_calibrate:
+    stale = False
+    if path.is_file() and can_calibrate and refine_weight is not None:
+        record = json.loads(path.read_text())
+        stale = not record.get("not_calibrated") and float(record.get("refine_weight", 0.0)) != float(refine_weight)
+    if (stale or not path.is_file()) and can_calibrate:
         res = run_measured(calibrate_cmd, cwd, log_path)
         if res.returncode != 0 or not path.is_file():
             raise RuntimeError(f"calibration of {ckpt} exited {res.returncode}; see {log_path}")
     if not path.is_file():
         return DEFAULT_THRESHOLD
     return float(json.loads(path.read_text())["foreground_threshold"])
+
+
+def calibrated_refinement(ckpt: Path) -> float:
+    """The boundary-refinement weight a run's evaluation applies (``refine_weight`` ``"auto"`` of
+    ``configs/inference.json``): the one in ``<model>.calibration.json``, 0 without one."""
+    from s2l_monai.calibration import resolve_refinement
+
+    return resolve_refinement("auto", ckpt)
 
 
 def _key_value(value: Any) -> Any:

@@ -650,7 +650,9 @@ def execute_run(
         cfg = _effective_config(profile, train_overrides(run, profile, smoke))
         train["foreground_threshold"] = common.ensure_calibration(
             ckpt, as_bool(cfg.get("calibrate_threshold", True)), calibrate_command(run, dataset_dir, ckpt), REPO_ROOT,
-            log, can_calibrate=PROFILE_CONFIGS[profile] == ["configs/train.json"])
+            log, can_calibrate=PROFILE_CONFIGS[profile] == ["configs/train.json"],
+            refine_weight=float(cfg.get("refine_weight", 2.0)))
+        train["refine_weight"] = common.calibrated_refinement(ckpt)
         summaries, eval_seconds = {}, 0.0
         for method in ("connected", "watershed"):
             out = run_dir / f"eval_{method}"
@@ -780,11 +782,13 @@ def records_table(records: Sequence[dict[str, Any]]) -> str:
 
 def threshold_cell(record: dict[str, Any]) -> str:
     """The foreground threshold the record's evaluation read its model at: calibrated (``s2l_monai.calibration``),
-    0.5 for records from before calibration (the argmax), ``–`` for Otsu."""
+    0.5 for records from before calibration (the argmax), ``–`` for Otsu; `` +CRF`` where the probabilities were
+    refined first (``refine_weight``, :func:`s2l_monai.crf.mean_field_refine`)."""
     if record.get("method") == "otsu":
         return common.DASH
     value = record.get("foreground_threshold")
-    return "0.5" if value is None else f"{float(value):g}"
+    text = "0.5" if value is None else f"{float(value):g}"
+    return text + " +CRF" if (record.get("refine_weight") or 0) > 0 else text
 
 
 def _weights_text(weights: Any) -> str | None:
@@ -992,7 +996,7 @@ RECIPE_KEYS: tuple[tuple[str, str | None], ...] = (
     ("warmup_epochs", None), ("ensemble_share", "ema_every"), ("ema_every", None), ("ema_memory_share", "ema_alpha"),
     ("ema_alpha", None), ("tau", None), ("lambda_up", None), ("class_weights", None), ("pseudo_class_weights", None),
     ("drift_control", None),
-    ("crf_weight", None),
+    ("crf_weight", None), ("refine_weight", None),
 )
 
 
@@ -1025,7 +1029,8 @@ RECORDS_LEGEND: tuple[str, ...] = (
     "(final trainer state); class w. = class weights [background, foreground] of the scribble loss: `auto [...]`",
     "estimated from the scribbles at the start (`train/class_prior.json`), a list = given, `none` = unweighted;",
     "thr. = foreground threshold the model was read at (calibrated after training from the training images' edges,",
-    "`s2l_monai.calibration`; 0.5 = the argmax).",
+    "`s2l_monai.calibration`; 0.5 = the argmax); +CRF: the probabilities were first refined against the image by",
+    "three mean-field CRF steps (`refine_weight`, `s2l_monai.crf`), as the default inference does.",
     "Train s = training wall time; peak RSS = max over 0.5 s polls of the summed VmRSS of the training process and",
     "its children (for Otsu: of the evaluation); img/s = training patches (steps × patches per step) per second.",
 )

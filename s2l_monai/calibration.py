@@ -20,11 +20,17 @@ It needs no labels and no extra training: after training, ``configs/train.json``
 ``model.pt``; ``configs/inference.json``'s ``foreground_threshold`` ``"auto"`` reads it (0.5, the argmax, where there
 is none, e.g. for weights trained before it existed).
 
+The probabilities scored are those inference thresholds: refined against the image by a few mean-field CRF steps
+(:func:`s2l_monai.crf.mean_field_refine`, ``refine_weight``), so the record also names the refinement it was
+chosen with, and ``configs/inference.json``'s ``refine_weight`` ``"auto"`` applies the same (none where the record
+has none, e.g. weights calibrated before refinement existed).
+
 It is meant for objects on a background. Where the foreground fills most of the image (cells between thin
 membranes, ISBI EM: 70% by the scribbles' class-prior estimate), a lower threshold closes the gaps between objects
 while their outer outlines still sit on edges: on ISBI EM validation the criterion chose 0.2, IoU 0.880 -> 0.878 but
 DSB score 0.284 -> 0.124 (the cells merge). So above :data:`MAX_FOREGROUND_SHARE` (the same rule that decides
-whether training starts from the shipped nuclei weights) the record says 0.5 and why.
+whether training starts from the shipped nuclei weights) the record says 0.5 and why, and no refinement (its
+Potts term would close the thin membranes between the cells as well).
 
 Neither MONAI nor scikit-image choose a probability threshold from image edges (``skimage.filters`` thresholds
 intensities, not a model's probabilities), hence this module.
@@ -45,10 +51,12 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
+from s2l_monai.crf import mean_field_refine
 from s2l_monai.errors import ConfigError
 from s2l_monai.pretrained import MAX_FOREGROUND_SHARE  # one rule for "objects on a background", shared with the start
 
 __all__ = [
+    "DEFAULT_REFINE_WEIGHT",
     "DEFAULT_THRESHOLD",
     "MAX_FOREGROUND_SHARE",
     "MAX_ITEMS",
@@ -59,6 +67,7 @@ __all__ = [
     "calibration_path",
     "choose_threshold",
     "edge_alignment",
+    "resolve_refinement",
     "resolve_threshold",
 ]
 
@@ -68,6 +77,8 @@ logger = logging.getLogger("s2l")
 DEFAULT_THRESHOLD = 0.5
 #: Candidate thresholds: 0.2 .. 0.8 in steps of 0.05 (beyond that the masks lose whole nuclei or merge them).
 THRESHOLDS = tuple(round(0.2 + 0.05 * i, 2) for i in range(13))
+#: Strength of the mean-field refinement a calibration is made with (``refine_weight`` of ``configs/train.json``).
+DEFAULT_REFINE_WEIGHT = 2.0
 #: Images looked at after training, evenly spaced over the training list (7.9 s for 64 DSB-Fluo images on 2 CPU cores).
 MAX_ITEMS = 64
 
@@ -165,11 +176,7 @@ def resolve_threshold(value: Any, model_path: str | os.PathLike | None = None) -
             logger.info("foreground threshold %.2f (the argmax): no calibration next to %s", DEFAULT_THRESHOLD,
                         model_path)
             return DEFAULT_THRESHOLD
-        try:
-            threshold = float(json.loads(path.read_text())["foreground_threshold"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ConfigError(
-                f"{path}: not a calibration file ({err}); delete it or set foreground_threshold.") from None
+        threshold = float(_read_record(path)["foreground_threshold"])
         if not 0.0 < threshold < 1.0:
             raise ConfigError(f"{path}: foreground_threshold {threshold} is not in (0, 1).")
         logger.info("foreground threshold %.2f, calibrated after training (%s)", threshold, path)
@@ -183,6 +190,46 @@ def resolve_threshold(value: Any, model_path: str | os.PathLike | None = None) -
     return threshold
 
 
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+        float(record["foreground_threshold"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: not a calibration file ({err}); delete it or set foreground_threshold.") from None
+    return record
+
+
+def resolve_refinement(value: Any, model_path: str | os.PathLike | None = None) -> float:
+    """The ``refine_weight`` of ``configs/inference.json``: a number >= 0 (0 = no refinement), or ``"auto"``.
+
+    ``"auto"`` reads the refinement the model's threshold was calibrated with from ``<model>.calibration.json``
+    (``refine_weight``); 0 where there is no calibration or it has none (calibrated before refinement existed, or
+    not objects on a background).
+
+    Raises:
+        ConfigError: a negative number, another string, or an unreadable calibration file (named).
+    """
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        path = calibration_path(model_path) if model_path else None
+        if path is None or not path.is_file():
+            return 0.0
+        weight = _read_record(path).get("refine_weight", 0.0)
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: refine_weight {weight!r} is not a number.") from None
+        if weight > 0:
+            logger.info("boundary refinement: mean-field CRF, weight %.2f, as calibrated (%s)", weight, path)
+        return max(weight, 0.0)
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"refine_weight must be 'auto' or a number >= 0, got {value!r}.") from None
+    if not weight >= 0.0:
+        raise ConfigError(f"refine_weight must be >= 0, got {value!r}.")
+    return weight
+
+
 class ThresholdCalibration:
     """Choose and record a trained model's foreground threshold from its own predictions on unlabelled images.
 
@@ -194,6 +241,8 @@ class ThresholdCalibration:
         thresholds: candidate thresholds.
         max_items: images looked at, evenly spaced over the dataset.
         flips: average the four flips of every image, as the default inference does (``test_time_flips``).
+        refine_weight: refine the probabilities with :func:`s2l_monai.crf.mean_field_refine` at this weight before
+            scoring them, as inference does (0 = none); written to the record.
     """
 
     def __init__(
@@ -204,6 +253,7 @@ class ThresholdCalibration:
         thresholds: Sequence[float] = THRESHOLDS,
         max_items: int = MAX_ITEMS,
         flips: bool = True,
+        refine_weight: float = DEFAULT_REFINE_WEIGHT,
     ) -> None:
         from s2l_monai.inferers import FlipAveragingInferer
 
@@ -212,6 +262,7 @@ class ThresholdCalibration:
         self.device = torch.device(device)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.max_items = int(max_items)
+        self.refine_weight = float(refine_weight)
 
     def curves(self, dataset: Any) -> np.ndarray:
         """:func:`edge_alignment` of up to ``max_items`` items of ``dataset`` (dicts with ``"image"`` ``CHW``)."""
@@ -225,7 +276,8 @@ class ThresholdCalibration:
                 for i in picks:
                     image = torch.as_tensor(np.asarray(dataset[int(i)]["image"]), dtype=torch.float32)
                     logits = self.inferer(image[None].to(self.device), self.network)
-                    prob = torch.softmax(logits.float(), dim=1)[0, 1].cpu().numpy()
+                    prob = torch.softmax(logits.float(), dim=1).cpu()
+                    prob = mean_field_refine(prob, image[None], self.refine_weight)[0, 1].numpy()
                     rows.append(edge_alignment(prob, image.numpy(), self.thresholds))
         finally:
             self.network.train(was_training)
@@ -245,11 +297,13 @@ class ThresholdCalibration:
             "items": int(len(curves)),
             "thresholds": list(self.thresholds),
             "edge_score": [None if np.isnan(v) else round(float(v), 6) for v in score],
+            "refine_weight": self.refine_weight,
             "method": "mean image-gradient magnitude under the outline of p > t, averaged over training images "
                       "(s2l_monai.calibration)",
         }
         logger.info("foreground threshold %.2f: the outlines of p > t lie on the strongest image edges there "
-                    "(%d training images; 0.5 = argmax)", threshold, len(curves))
+                    "(%d training images, refinement weight %g; 0.5 = argmax)", threshold, len(curves),
+                    self.refine_weight)
         if model_path is not None:
             _write(record, model_path)
         return record
@@ -268,7 +322,7 @@ def not_objects_on_a_background(model_path: str | os.PathLike | None, foreground
     reason = (f"the scribbles put about {100 * foreground_share:.0f}% of the pixels in the foreground (more than "
               f"{100 * MAX_FOREGROUND_SHARE:.0f}%): not objects on a background, where a threshold below 0.5 would "
               "merge neighbouring objects; read at the argmax")
-    record = {"foreground_threshold": DEFAULT_THRESHOLD, "items": 0, "not_calibrated": reason,
+    record = {"foreground_threshold": DEFAULT_THRESHOLD, "items": 0, "not_calibrated": reason, "refine_weight": 0.0,
               "method": "s2l_monai.calibration"}
     logger.info("foreground threshold %.2f: %s", DEFAULT_THRESHOLD, reason)
     if model_path is not None:
@@ -285,11 +339,13 @@ def calibrate_after_training(
     enabled: Any = True,
     foreground_share: float | None = None,
     flips: Any = True,
+    refine_weight: float = DEFAULT_REFINE_WEIGHT,
 ) -> dict[str, Any] | None:
     """The last training step of ``configs/train.json``: :class:`ThresholdCalibration` on the training images, written
     next to ``model_path``. ``enabled`` false (``calibrate_threshold false``) skips it and removes a stale file, so
     inference falls back to the argmax. ``foreground_share`` (the scribbles' class-prior estimate) above
-    :data:`MAX_FOREGROUND_SHARE` records the argmax and why."""
+    :data:`MAX_FOREGROUND_SHARE` records the argmax and why. ``refine_weight``: the boundary refinement calibrated
+    with (and recorded for inference's ``refine_weight`` ``"auto"``)."""
     from s2l_monai.inference_io import as_bool
 
     if not as_bool(enabled):
@@ -301,7 +357,8 @@ def calibrate_after_training(
         return None  # nothing was trained (e.g. an interrupted run)
     if foreground_share is not None and foreground_share > MAX_FOREGROUND_SHARE:
         return not_objects_on_a_background(model_path, foreground_share)
-    return ThresholdCalibration(network, inferer, device, flips=as_bool(flips))(dataset, model_path)
+    return ThresholdCalibration(network, inferer, device, flips=as_bool(flips),
+                                refine_weight=float(refine_weight))(dataset, model_path)
 
 
 def calibrate_model(
@@ -350,4 +407,5 @@ def calibrate_model(
     share = class_prior(dataset, int(parser.get_parsed_content("unlabelled"))).image_foreground_share
     if share > MAX_FOREGROUND_SHARE:
         return not_objects_on_a_background(model_path, share)
-    return ThresholdCalibration(network, inferer, device)(dataset, model_path)
+    refine_weight = float(parser.get_parsed_content("refine_weight"))
+    return ThresholdCalibration(network, inferer, device, refine_weight=refine_weight)(dataset, model_path)

@@ -242,6 +242,9 @@ def _add_calibrate(subparsers: Any) -> None:
     sub.add_argument("--datalist_name", default="datalist.json", help="the datalist's file name")
     sub.add_argument("--in_channels", type=int, default=1, help="the model's input channels (default 1)")
     sub.add_argument("--slice_axis", type=int, default=None, help="volumes: the slice axis (as in training)")
+    sub.add_argument("--refine_weight", type=float, default=None,
+                     help="boundary refinement (mean-field CRF) to calibrate with and record for inference; 0 = none "
+                          "(default: configs/train.json's refine_weight)")
     sub.set_defaults(func=_cmd_calibrate)
 
 
@@ -249,13 +252,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     """Run :func:`s2l_monai.calibration.calibrate_model` and print its choice."""
     from s2l_monai.calibration import calibrate_model, calibration_path
 
+    overrides = {} if args.refine_weight is None else {"refine_weight": args.refine_weight}
     record = calibrate_model(args.ckpt, args.dataset_dir, args.datalist_name, in_channels=args.in_channels,
-                             slice_axis=args.slice_axis)
+                             slice_axis=args.slice_axis, **overrides)
     if record.get("not_calibrated"):
         print(f"foreground threshold 0.50: {record['not_calibrated']}; wrote {calibration_path(args.ckpt)}")
     else:
-        print(f"foreground threshold {record['foreground_threshold']:.2f} ({record['items']} training images; "
-              f"0.5 = argmax); wrote {calibration_path(args.ckpt)}")
+        print(f"foreground threshold {record['foreground_threshold']:.2f} ({record['items']} training images, "
+              f"boundary refinement weight {record['refine_weight']:g}; 0.5 = argmax); wrote "
+              f"{calibration_path(args.ckpt)}")
     return 0
 
 

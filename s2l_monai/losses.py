@@ -7,7 +7,6 @@ Consistency", MICCAI 2020, eq. (1)-(3). Also the CRF regulariser of the paper's 
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 
@@ -16,11 +15,9 @@ import torch.nn.functional as F
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
+from s2l_monai.crf import MIN_EXPONENT, window_pairs
+
 __all__ = ["CRFLoss", "ScribbleLoss"]
-
-
-# exp() of arguments below this is < 2e-22: clamped there, as float32 exp is many times slower on the denormal range
-_MIN_EXPONENT = -50.0
 
 
 class CRFLoss(_Loss):
@@ -139,23 +136,19 @@ class _PairwisePotts(torch.autograd.Function):
         shift_tensor = image.new_empty(())
         # without a mask both ordered pairs count: a factor 2 folded into the exponent
         log_pair_factor = math.log(2.0) if mask is None else 0.0
-        for offset in itertools.product(range(-radius, radius + 1), repeat=len(spatial)):
-            if offset <= (0,) * len(spatial) or any(abs(k) >= n for k, n in zip(offset, spatial)):
-                continue  # the centre, the mirror image of a visited offset, or no overlap
-            slice_a = (slice(None), slice(None), *(slice(max(0, -k), n - max(0, k)) for k, n in zip(offset, spatial)))
-            slice_b = (slice(None), slice(None), *(slice(max(0, k), n - max(0, -k)) for k, n in zip(offset, spatial)))
+        for slice_a, slice_b, squared_distance in window_pairs(spatial, radius):
             image_a, image_b = image[slice_a], image[slice_b]
             diff = torch.sub(image_a, image_b, out=diff_buffer[: image_a.numel()].view(image_a.shape))
             shape = (image_a.shape[0], 1, *image_a.shape[2:])
             exponent = weight_buffer[: math.prod(shape)].view(shape)
             # w = exp(-|dI|^2 / (2 s_I^2) - |d|^2 / (2 s_xy^2)) (m_i + m_j); the exponent in one fused op for grey
             # images (sub, addcmul, clamp, exp: a third less memory traffic than separate mul/add/neg)
-            shift = log_pair_factor - spatial_scale * sum(k * k for k in offset)
+            shift = log_pair_factor - spatial_scale * squared_distance
             if image.shape[1] == 1:
                 torch.addcmul(shift_tensor.fill_(shift), diff, diff, value=-1.0, out=exponent)
             else:
                 torch.sum(diff.mul_(diff), dim=1, keepdim=True, out=exponent).neg_().add_(shift)
-            weight = exponent.clamp_(min=_MIN_EXPONENT).exp_()
+            weight = exponent.clamp_(min=MIN_EXPONENT).exp_()
             if mask is not None:
                 weight.mul_(mask[slice_a] + mask[slice_b])
             gathered[slice_a].addcmul_(weight, prob[slice_b])

@@ -15,6 +15,7 @@ from monai.transforms.traits import RandomizableTrait
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 from monai.utils import convert_to_tensor
 
+from s2l_monai.crf import mean_field_refine
 from s2l_monai.ensemble import EMAStore
 from s2l_monai.instances import second_channel_wins
 
@@ -22,6 +23,7 @@ __all__ = [
     "Argmaxd",
     "EnsureImageChannelsd",
     "LoadPseudoLabeld",
+    "MeanFieldRefined",
     "ReplaceNonFinited",
     "ScaleIntensityRangePercentilesd",
     "SelectPercentiles",
@@ -163,6 +165,67 @@ class Argmaxd(MapTransform):
                 out = (x[1:] > self.foreground_threshold).to(x.dtype)
             else:
                 out = channel_argmax(x)
+            if isinstance(value, MetaTensor):
+                out = MetaTensor(out, meta=dict(value.meta), applied_operations=list(value.applied_operations))
+            d[key] = out
+        return d
+
+
+class MeanFieldRefined(MapTransform):
+    """Refine predicted class probabilities against the image with a few mean-field CRF steps.
+
+    :func:`s2l_monai.crf.mean_field_refine` on each item (``C`` + spatial probabilities, with the item's image
+    under ``image_key``): the outline of each object is pulled onto the image's intensity edges. Placed after the
+    softmax and before the threshold (``configs/inference.json``'s ``refine_weight``); 0 leaves the prediction as
+    it is. A volume read slice-wise by the bundle arrives here one 2D slice at a time; a whole ``CZYX`` volume
+    segmented slice by slice (MONAI Label's 3D task) is refined slice by slice with ``slice_axis``.
+
+    Args:
+        keys: keys of ``C`` + spatial probabilities; replaced by the refined ones (same type and metadata).
+        image_key: key of the ``C'`` + spatial image the network saw (scaled to [0, 1]).
+        weight: strength of the pairwise term (0 = off).
+        radius, sigma_xy, sigma_intensity, iterations: see :func:`s2l_monai.crf.mean_field_refine`.
+        slice_axis: ``None``: refine in all spatial dimensions; else the spatial axis (0 = the first after the
+            channels) whose slices are refined one by one (2D windows).
+        allow_missing_keys: do not raise if a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str = "image",
+        weight: float = 2.0,
+        radius: int = 5,
+        sigma_xy: float = 5.0,
+        sigma_intensity: float = 0.05,
+        iterations: int = 3,
+        slice_axis: int | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.weight = float(weight)
+        self.slice_axis = slice_axis
+        self.kwargs = {"radius": int(radius), "sigma_xy": float(sigma_xy), "sigma_intensity": float(sigma_intensity),
+                       "iterations": int(iterations)}
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.weight == 0:
+            return d
+        image = d[self.image_key]
+        image = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(np.asarray(image))
+        for key in self.key_iterator(d):
+            value = d[key]
+            x = value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
+            with torch.no_grad():
+                if self.slice_axis is None:
+                    out = mean_field_refine(x[None], image[None].to(x.device), self.weight, **self.kwargs)[0]
+                else:  # the slices as a batch: C Z Y X -> Z C Y X and back
+                    axis = 1 + int(self.slice_axis)
+                    out = mean_field_refine(x.movedim(axis, 0), image.movedim(axis, 0).to(x.device), self.weight,
+                                            **self.kwargs).movedim(0, axis)
+            out = out.to(x.dtype)
             if isinstance(value, MetaTensor):
                 out = MetaTensor(out, meta=dict(value.meta), applied_operations=list(value.applied_operations))
             d[key] = out

@@ -20,8 +20,10 @@ from s2l_monai.calibration import (
     calibration_path,
     choose_threshold,
     edge_alignment,
+    resolve_refinement,
     resolve_threshold,
 )
+from s2l_monai.crf import mean_field_refine
 from s2l_monai.errors import ConfigError
 from s2l_monai.instances import Instancesd
 from s2l_monai.transforms import Argmaxd
@@ -103,6 +105,23 @@ def test_resolve_threshold(tmp_path):
         resolve_threshold("auto", model)
 
 
+def test_resolve_refinement(tmp_path):
+    model = tmp_path / "model.pt"
+    assert resolve_refinement("auto", model) == 0.0  # no calibration: no refinement
+    assert resolve_refinement("auto", None) == 0.0
+    calibration_path(model).write_text(json.dumps({"foreground_threshold": 0.35}))
+    assert resolve_refinement("auto", model) == 0.0  # calibrated before refinement existed
+    calibration_path(model).write_text(json.dumps({"foreground_threshold": 0.35, "refine_weight": 2.0}))
+    assert resolve_refinement("Auto", model) == 2.0
+    assert resolve_refinement(0, model) == 0.0 and resolve_refinement("1.5", model) == 1.5
+    for bad in (-1, "strong", None, "nan"):
+        with pytest.raises(ConfigError, match="refine_weight"):
+            resolve_refinement(bad, model)
+    calibration_path(model).write_text(json.dumps({"foreground_threshold": 0.35, "refine_weight": "x"}))
+    with pytest.raises(ConfigError, match="model.calibration.json"):
+        resolve_refinement("auto", model)
+
+
 def test_post_processing_applies_the_threshold():
     prob = torch.tensor([[[0.6, 0.3, 0.9]], [[0.4, 0.7, 0.1]]])  # 2 x 1 x 3 softmax: foreground 0.4, 0.7, 0.1
     assert Argmaxd("pred")({"pred": prob})["pred"].tolist() == [[[0.0, 1.0, 0.0]]]
@@ -152,7 +171,7 @@ def test_calibration_undoes_a_shift_of_the_logits(tmp_path):
         net = _Fixed(8.0, float(np.log(level / (1 - level))) - 8.0 * 0.3)
         model = tmp_path / f"model_{level}.pt"
         model.write_bytes(b"weights")
-        record = ThresholdCalibration(net, SimpleInferer(), max_items=2)(items, model)
+        record = ThresholdCalibration(net, SimpleInferer(), max_items=2, refine_weight=0.0)(items, model)
         assert record["items"] == 2  # evenly spaced: the first and the last item
         chosen[level] = record["foreground_threshold"]
         assert resolve_threshold("auto", model) == chosen[level]
@@ -182,11 +201,19 @@ def test_calibrate_after_training_writes_skips_and_removes(tmp_path):
     model.write_bytes(b"weights")
     record = calibrate_after_training(net, items, SimpleInferer(), "cpu", model, flips="true")
     assert record == ThresholdCalibration(net, SimpleInferer(), flips=False)(items)  # flips: same for this model
+    assert record["refine_weight"] == 2.0 and resolve_refinement("auto", model) == 2.0  # the default refinement
+    # the curve is scored on the refined probabilities, as inference thresholds them
+    prob = torch.softmax(net(torch.as_tensor(items[0]["image"])[None]), dim=1)
+    refined = mean_field_refine(prob, torch.as_tensor(items[0]["image"])[None], 2.0)[0, 1].numpy()
+    assert record["edge_score"] == [None if np.isnan(v) else round(float(v), 6) for v in edge_alignment(
+        refined, items[0]["image"])]
+    record = calibrate_after_training(net, items, SimpleInferer(), "cpu", model, refine_weight=0)
+    assert record["refine_weight"] == 0.0 and resolve_refinement("auto", model) == 0.0
     assert resolve_threshold("auto", model) == record["foreground_threshold"] != DEFAULT_THRESHOLD
     # data whose foreground fills most of the image (cells between membranes): the argmax, and why
     record = calibrate_after_training(net, items, SimpleInferer(), "cpu", model, foreground_share=0.7)
     assert record["foreground_threshold"] == DEFAULT_THRESHOLD and "70%" in record["not_calibrated"]
-    assert resolve_threshold("auto", model) == DEFAULT_THRESHOLD
+    assert resolve_threshold("auto", model) == DEFAULT_THRESHOLD and resolve_refinement("auto", model) == 0.0
     assert calibrate_after_training(net, items, SimpleInferer(), "cpu", model,
                                     foreground_share=MAX_FOREGROUND_SHARE)["foreground_threshold"] != 0.5
     # calibrate_threshold false: no file (a stale one would apply an old model's threshold to this one)
@@ -208,8 +235,11 @@ def test_s2l_calibrate_on_saved_weights(tmp_path, capsys):
     make_synthetic_dataset(tmp_path / "sparse", n_train=3, n_val=0, n_test=0, shape=(160, 160), seed=3)
     assert main(["calibrate", "--ckpt", str(model), "--dataset_dir", str(tmp_path / "sparse")]) == 0
     record = json.loads(calibration_path(model).read_text())
-    assert record["items"] == 3 and record["foreground_threshold"] in THRESHOLDS
+    assert record["items"] == 3 and record["foreground_threshold"] in THRESHOLDS and record["refine_weight"] == 2.0
     assert f"foreground threshold {record['foreground_threshold']:.2f} (3 training images" in capsys.readouterr().out
+    assert main(["calibrate", "--ckpt", str(model), "--dataset_dir", str(tmp_path / "sparse"),
+                 "--refine_weight", "0"]) == 0
+    assert resolve_refinement("auto", model) == 0.0 and "refinement weight 0;" in capsys.readouterr().out
     make_synthetic_dataset(tmp_path / "crowded", n_train=3, n_val=0, n_test=0, shape=(96, 96), seed=3)
     assert main(["calibrate", "--ckpt", str(model), "--dataset_dir", str(tmp_path / "crowded")]) == 0
     assert "not objects on a background" in capsys.readouterr().out

@@ -17,9 +17,9 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.bundle_config import LABELS, read_config
 from lib.image_io import read_image, result_suffix, write_result
-from s2l_monai.calibration import resolve_threshold
+from s2l_monai.calibration import resolve_refinement, resolve_threshold
 from s2l_monai.inferers import FlipAveragingInferer
-from s2l_monai.transforms import SelectPercentiles
+from s2l_monai.transforms import MeanFieldRefined, SelectPercentiles
 
 __all__ = ["ScribbleInferTask"]
 
@@ -55,17 +55,23 @@ class LoadForBundle:
 
 
 class ToLabel:
-    """Post-transform: one uint8 class map (``HW`` or ``ZYX``; 1 = nucleus) from the network's logits, read at the
-    model's foreground threshold: the calibration training wrote beside ``model_path``
-    (:func:`s2l_monai.calibration.resolve_threshold`, looked up on every call because training replaces the
-    model), else the argmax."""
+    """Post-transform: one uint8 class map (``HW`` or ``ZYX``; 1 = nucleus) from the network's logits, refined and
+    read as the bundle's inference does: the boundary refinement and foreground threshold of the calibration
+    training wrote beside ``model_path`` (:func:`s2l_monai.calibration.resolve_refinement` and
+    :func:`~s2l_monai.calibration.resolve_threshold`, looked up on every call because training replaces the
+    model), else the argmax. Volumes are refined slice by slice, as they are segmented."""
 
     def __init__(self, model_path: Path) -> None:
         self.model_path = model_path
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        pred = torch.as_tensor(data["pred"]).float()
+        pred = torch.as_tensor(data["pred"]).float().cpu()
         threshold = resolve_threshold("auto", self.model_path)
+        refine_weight = resolve_refinement("auto", self.model_path)
+        if pred.shape[0] == 2 and refine_weight > 0:
+            refine = MeanFieldRefined("prob", weight=refine_weight, slice_axis=None if pred.ndim == 3 else 0)
+            image = torch.as_tensor(data["image"]).float().cpu()
+            pred = refine({"prob": torch.softmax(pred, dim=0), "image": image})["prob"].log()
         if threshold == 0.5 or pred.shape[0] != 2:
             label = torch.argmax(pred, dim=0)
         else:
