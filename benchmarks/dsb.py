@@ -565,7 +565,7 @@ def make_record(
         "n_test_nuclei": connected.get("n_nuclei"),
     }
     for key in ("n_train_images", "steps", "epochs", "iterations", "patches", "class_prior", "overrides",
-                "foreground_threshold", "reevaluated", "eval_seconds", "wall_seconds"):
+                "foreground_threshold", "refine_weight", "reevaluated", "eval_seconds", "wall_seconds"):
         if key in train:
             rec[key] = train[key]
     rec.update(context)

@@ -305,6 +305,20 @@ def test_foreground_threshold_of_a_run(tmp_path: Path) -> None:
         common.ensure_calibration(ckpt, True, [sys.executable, "-c", "raise SystemExit(3)"], tmp_path)
     assert common.ensure_calibration(ckpt, True, write, tmp_path, can_calibrate=False) == 0.5
 
+    # boundary refinement: a calibration made with another refine_weight than the recipe's is made again
+    refined = [sys.executable, "-c", f"open({str(sidecar)!r}, 'w').write("
+               f"'{{\"foreground_threshold\": 0.25, \"refine_weight\": 2.0}}')"]
+    assert common.ensure_calibration(ckpt, True, write, tmp_path) == 0.4  # exists: kept (no refine_weight asked)
+    assert common.calibrated_refinement(ckpt) == 0.0  # calibrated before refinement: none applied
+    assert common.ensure_calibration(ckpt, True, refined, tmp_path, refine_weight=2.0) == 0.25  # stale: redone
+    assert common.calibrated_refinement(ckpt) == 2.0
+    assert common.ensure_calibration(ckpt, True, write, tmp_path, refine_weight=2.0) == 0.25  # current: kept
+    sidecar.write_text('{"foreground_threshold": 0.5, "not_calibrated": "membranes"}')
+    assert common.ensure_calibration(ckpt, True, refined, tmp_path, refine_weight=2.0) == 0.5  # EM-like: kept
+    rec = dsb.make_record(run, {"iou": 0.8}, {}, {"foreground_threshold": 0.25, "refine_weight": 2.0},
+                          {"profile": "default"})
+    assert rec["refine_weight"] == 2.0 and dsb.threshold_cell(rec) == "0.25 +CRF"
+
 
 def test_recipe_line_reads_the_configs() -> None:
     """The report says what the default recipe is, from configs/train.json, not from constants in dsb.py."""
