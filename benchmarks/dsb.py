@@ -111,20 +111,20 @@ PROFILE_NOTES: dict[str, str] = {
                " method's), every method from scratch (`pretrained_weights \"\"`, see `FROM_SCRATCH`); the headline"
                " result",
     "default-nocrf": "the default recipe before its CRF term (`crf_weight 0`, the default until 2026-12-02, commit"
-                     " 217a045, batch 16); Scribble2Label rows measured with it, to be replaced by the default's",
+                     " 217a045, batch 16); Scribble2Label rows measured with it, since replaced by the default's",
     "default-b16": "the default recipe with batch 16 instead of 12 (the default until 2026-12-03); baseline rows"
-                   " measured with it, to be replaced by the default's",
+                   " measured with it, since replaced by the default's",
     "default-pcw": "the default recipe with the pseudo-label loss L_up weighted by the estimated class weights"
                    " (`pseudo_class_weights auto`, the default until 2026-12-03); Scribble2Label and Pseudo-label rows"
-                   " measured with it, to be replaced by the default's",
+                   " measured with it, since replaced by the default's",
     "default-1200": "the default recipe with 1200 optimiser steps (`max_steps 1200`, the default until 2026-12-03);"
-                    " rows measured with it, to be replaced by the default's",
+                    " rows measured with it, since replaced by the default's",
     "default-lam1": "the default recipe with the pseudo-label weight `lambda_up 1.0` (the default on 2026-12-05,"
                     " retired for its cost on bright-field); Scribble2Label and Pseudo-label rows measured with it",
     "default-nodc": "the default recipe before drift control (`drift_control false`, the default until 2026-12-05);"
-                    " Scribble2Label and Pseudo-label rows measured with it, to be replaced by the default's",
+                    " Scribble2Label and Pseudo-label rows measured with it, since replaced by the default's",
     "default-argmax": "the default recipe read at the argmax (`calibrate_threshold false`; the calibrated foreground"
-                      " threshold is the default since 2026-12-05); rows measured with it, to be replaced by the"
+                      " threshold is the default since 2026-12-05); rows measured with it, since replaced by the"
                       " default's",
     "paper": "configs/train.json + configs/paper.json, the authors' recipe (GPU)",
     "paper-short": "configs/paper.json (the authors' network, crops, batch, optimiser and tau/alpha/gamma) on 100"

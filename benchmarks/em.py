@@ -100,14 +100,14 @@ PROFILE_NOTES: dict[str, str] = {
                " and the method's overrides), every method from scratch (`pretrained_weights \"\"`); the headline"
                " result",
     "default-nocrf": "the default recipe before its CRF term (`crf_weight 0`, the default until 2026-12-02, commit"
-                     " 217a045, batch 16); Scribble2Label rows measured with it, to be replaced by the default's",
+                     " 217a045, batch 16); Scribble2Label rows measured with it, since replaced by the default's",
     "default-b16": dsb.PROFILE_NOTES["default-b16"],
     "default-pcw": dsb.PROFILE_NOTES["default-pcw"],
     "default-1200": dsb.PROFILE_NOTES["default-1200"],
     "default-lam1": "the default recipe with the pseudo-label weight `lambda_up 1.0` (the default on 2026-12-05,"
                     " retired for its cost on bright-field); Scribble2Label rows measured with it",
     "default-nodc": "the default recipe before drift control (`drift_control false`, the default until 2026-12-05);"
-                    " Scribble2Label rows measured with it, to be replaced by the default's",
+                    " Scribble2Label rows measured with it, since replaced by the default's",
     "default-argmax": dsb.PROFILE_NOTES["default-argmax"],
     "gpu-short": "one lent GPU shared by the trainings of one lease, 256x256 patches, 100 epochs with 30 of warm-up"
                  " within 330 s (`GPU_SHORT_PROFILE` in em.py)",

@@ -130,3 +130,21 @@ def test_mean_field_refined_slice_by_slice():
         torch.testing.assert_close(out[:, z], mean_field_refine(prob[None, :, z], image[None, :, z], 2.0, radius=2)[0])
     whole = MeanFieldRefined("pred", weight=2.0, radius=2)({"pred": prob, "image": image})["pred"]
     assert not torch.allclose(whole, out)
+
+
+def test_mean_field_runs_on_one_thread_and_restores_the_setting():
+    """The same bytes whatever the caller's thread count (the post-processing worker and the inline chain write the
+    same files), and the caller's thread count is left as it was."""
+    rng = np.random.default_rng(2)
+    fg = torch.tensor(rng.uniform(0.01, 0.99, size=(1, 1, 300, 270)), dtype=torch.float32)
+    prob, image = torch.cat([1 - fg, fg], dim=1), torch.tensor(rng.uniform(size=(1, 1, 300, 270)), dtype=torch.float32)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(mean_field_refine(prob, image))
+            assert torch.get_num_threads() == threads
+        assert torch.equal(outs[0], outs[1])
+    finally:
+        torch.set_num_threads(before)

@@ -136,11 +136,13 @@ def _bundle_inference(root: Path, images: Path, out: Path, *extra: str) -> None:
 def test_bundle_outputs_identical_with_and_without_workers(tmp_path, method):
     images = _model_and_images(tmp_path, ((96, 80), (300, 270), (64, 72)))
     outputs = {}
-    for name, extra in (("inline", ["--postprocessing_workers", "0", "--postprocessing_transforms#3",
+    # inline: MONAI's AsDiscreted in place of Argmaxd (index 4: after the softmax, the boundary refinement, the
+    # instances and the probability copy); both with the boundary refinement on, which runs in the workers too
+    for name, extra in (("inline", ["--postprocessing_workers", "0", "--postprocessing_transforms#4",
                                     "{'_target_': 'AsDiscreted', 'keys': 'pred', 'argmax': True}"]),
                         ("workers", ["--postprocessing_workers", "2"])):
         out = tmp_path / name
-        _bundle_inference(tmp_path, images, out, "--instance_method", method, *extra)
+        _bundle_inference(tmp_path, images, out, "--instance_method", method, "--refine_weight", "2", *extra)
         outputs[name] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
     assert len(outputs["inline"]) == 9
     assert outputs["workers"] == outputs["inline"]
