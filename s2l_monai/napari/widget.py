@@ -699,5 +699,6 @@ def _threshold_note(model_path: Any) -> str:
         return ""
     if record.get("not_calibrated"):
         return " Read at the argmax (foreground threshold 0.5): the nuclei fill most of the image."
-    return (f" Read at foreground threshold {float(record['foreground_threshold']):.2f}, where the mask outlines lie "
-            "on the image's edges.")
+    refined = ", refined against the image," if float(record.get("refine_weight") or 0) > 0 else ""
+    return (f" Read at foreground threshold {float(record['foreground_threshold']):.2f}, where the mask outlines"
+            f"{refined} lie on the image's edges.")
