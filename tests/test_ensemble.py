@@ -95,3 +95,41 @@ def test_handler_fires_every_gamma_epochs_and_applies_the_formula(tmp_path):
     figure = np.asarray(Image.open(tmp_path / "fig" / "img0_epoch0009.png"))
     assert figure.shape == (20, 2 * 24 + 4, 3)
 
+
+
+def test_handler_refines_each_prediction_before_averaging(tmp_path):
+    """With ``refine_weight`` the average holds the mean-field-refined softmax (crf.py), not the raw one."""
+    from s2l_monai.crf import mean_field_refine
+
+    items = ensemble_items(n=2, shape=(24, 28))
+    for item in items:  # a step edge in the image, the network's boundary two columns left of it
+        item["image"] = torch.zeros(1, 24, 28)
+        item["image"][:, :, 14:] = 1.0
+    logit = torch.zeros(1, 24, 28)
+    logit[:, :, 12:] = 0.5
+    logit[:, :, :12] = -0.5
+    net = changing_logits(lambda x, k: logit.expand_as(x))
+
+    def run(refine_weight):
+        evaluator = SupervisedEvaluator(
+            device=torch.device("cpu"), val_data_loader=DataLoader(items, batch_size=1), network=net,
+            inferer=SimpleInferer(), decollate=False,
+        )
+        store = EMAStore(tmp_path / f"ema{refine_weight}")
+        EMAEnsembleHandler(evaluator, store, every=1, alpha=1.0, refine_weight=refine_weight)(
+            Engine(lambda engine, batch: None))
+        return store
+
+    raw, refined = run(0.0), run(2.0)
+    prob = torch.softmax(torch.cat([torch.zeros_like(logit), logit])[None], dim=1)
+    expected = mean_field_refine(prob, items[0]["image"][None], weight=2.0)[0].numpy()
+    for i in range(2):
+        np.testing.assert_allclose(raw.probabilities(f"img{i}"), prob[0].numpy(), atol=2e-3)
+        np.testing.assert_allclose(refined.probabilities(f"img{i}"), expected, atol=2e-3)
+    # the pseudo-labels' outline moved from column 12 onto the image's edge at column 14
+    assert (raw.probabilities("img0")[1, :, 12:14] > 0.5).all()
+    assert (refined.probabilities("img0")[1, :, 12:14] < 0.5).all()
+    assert (refined.probabilities("img0")[1, :, 14:] > 0.5).all()
+    assert (refined.probabilities("img0")[1, :, :12] < 0.5).all()
+    with pytest.raises(ValueError, match="refine_weight"):
+        EMAEnsembleHandler(None, raw, refine_weight=-1)
