@@ -23,7 +23,6 @@ import torch
 from monai.utils import min_version, optional_import
 
 from s2l_monai import distributed
-from s2l_monai.crf import mean_field_refine
 from s2l_monai.faults import fault_point
 from s2l_monai.figures import save_pseudo_label_figure
 from s2l_monai.temporary_files import remove_stale_temporaries, temporary_tag
@@ -440,9 +439,6 @@ class EMAEnsembleHandler:
         num_figures: how many items get a figure.
         schedule: the run's schedule; replaces ``every`` and ``alpha``.
         uncertainty: where the uncertainty maps go; None for none.
-        refine_weight: where > 0, each prediction is refined (:func:`s2l_monai.crf.mean_field_refine` with this
-            weight, on the item's image) before it enters the average, so the pseudo-labels' outlines follow the
-            image's edges as the refined inference masks do; 0 averages the softmax as the paper does.
     """
 
     def __init__(
@@ -462,10 +458,7 @@ class EMAEnsembleHandler:
         num_slices_key: str = "num_slices",
         schedule: Any = None,
         uncertainty: UncertaintyMaps | None = None,
-        refine_weight: float = 0.0,
     ) -> None:
-        if refine_weight < 0:
-            raise ValueError(f"refine_weight must be >= 0, got {refine_weight}.")
         if schedule is not None:
             every, alpha = 1, schedule.ema_alpha
         if every < 1:
@@ -479,7 +472,6 @@ class EMAEnsembleHandler:
         self.every = int(every)
         self.alpha = float(alpha)
         self.tau = float(tau)
-        self.refine_weight = float(refine_weight)
         self.unlabelled = int(unlabelled)
         self.id_key, self.image_key, self.scribble_key = id_key, image_key, scribble_key
         self.slice_key, self.num_slices_key = slice_key, num_slices_key
@@ -566,11 +558,7 @@ class EMAEnsembleHandler:
             batch_items = [{k: v[i] for k, v in batch.items() if k in wanted} for i in range(len(preds))]
         for item, logits in zip(batch_items, preds):
             item_id = str(item[self.id_key])
-            prob = torch.softmax(logits.detach().float(), dim=0).cpu()
-            if self.refine_weight > 0:
-                image = item[self.image_key].detach().float().cpu()
-                prob = mean_field_refine(prob[None], image[None], weight=self.refine_weight)[0]
-            prob = prob.numpy()
+            prob = torch.softmax(logits.detach().float(), dim=0).cpu().numpy()
             slice_index = item.get(self.slice_key)
             k = None if slice_index is None else int(slice_index)
             if k is None:
