@@ -4,7 +4,8 @@ One long training per method (S2L, pCE only, Pseudo-label, Full masks; the defau
 with the method's overrides of ``benchmarks/dsb.py``) under a time budget of the largest of ``--minutes``; the
 schedule's shares (warm-up, ensembles, EMA memory, learning-rate decay) follow that budget. The network's weights are
 saved when the training clock passes each of ``--minutes`` (``snapshot_minutes``, :class:`~s2l_monai.checkpoints.
-TimedSnapshots`); each snapshot is evaluated on the test split (flip-averaged inference, watershed instances). Writes
+TimedSnapshots`); each snapshot is calibrated (threshold and boundary refinement, as training does for its final
+model) and evaluated on the test split (flip-averaged inference, watershed instances). Writes
 ``results/learning_curve.json`` (one record per method and time), ``.md`` (table, command, machine, wall time, peak
 memory) and ``.svg`` (IoU and DSB score against minutes, Otsu as a dashed line). Resumable: a method whose snapshots
 are all recorded is skipped.
@@ -27,6 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import dsb  # noqa: E402
 from benchmarks.common import (  # noqa: E402
+    calibrated_refinement,
+    ensure_calibration,
     load_records,
     machine_info,
     machine_line,
@@ -59,12 +62,32 @@ def train_method(method: str, seed: int, minutes: list[float], dataset_dir: Path
 
 
 def evaluate(method: str, seed: int, dataset_dir: Path, ckpt: Path, out_dir: Path) -> dict[str, Any]:
-    cmd = dsb.eval_command(run_spec(method, seed), "default", dataset_dir, ckpt, out_dir, "watershed")
+    """Test scores of one snapshot, read as the headline reads a finished training: the snapshot is calibrated
+    first (``s2l calibrate`` with the recipe's boundary refinement, as training does for its final model), so the
+    evaluation applies the calibrated threshold and the refinement."""
+    from s2l_monai.inference_io import as_bool
+
+    run = run_spec(method, seed)
+    cfg = dsb._effective_config("default", dsb.train_overrides(run, "default"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threshold = ensure_calibration(
+        ckpt, as_bool(cfg.get("calibrate_threshold", True)), dsb.calibrate_command(run, dataset_dir, ckpt), REPO,
+        out_dir / "calibrate.log", refine_weight=float(cfg.get("refine_weight", 2.0)))
+    cmd = dsb.eval_command(run, "default", dataset_dir, ckpt, out_dir, "watershed")
     result = run_measured(cmd, cwd=REPO, log_path=out_dir / "eval.log")
     if result.returncode != 0:
         raise RuntimeError(f"evaluation failed; see {out_dir / 'eval.log'}")
     summary = json.loads((out_dir / "summary.json").read_text())
-    return {k: summary.get(k) for k in ("iou", "dsb", "mdice", "pq", "aji")}
+    return {**{k: summary.get(k) for k in ("iou", "dsb", "mdice", "pq", "aji")},
+            "foreground_threshold": threshold, "refine_weight": calibrated_refinement(ckpt)}
+
+
+def _reading(record: dict[str, Any]) -> str:
+    """How a snapshot's probabilities were read: its threshold, ``+CRF`` with the boundary refinement."""
+    threshold = record.get("foreground_threshold")
+    if threshold is None:
+        return "–"
+    return f"{threshold:g}" + (" +CRF" if record.get("refine_weight") else "")
 
 
 def svg_plot(records: list[dict[str, Any]], otsu: dict[str, Any] | None) -> str:
@@ -134,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     otsu_file = otsu_dir / "summary.json"
     otsu_summary = json.loads(otsu_file.read_text()) if otsu_file.is_file() else None
     write_json_atomic(args.results, records)
-    rows = [[NAMES[r["method"]], f"{r['budget_minutes']:g}", f"{r['minutes']:g}", str(r["step"]), f"{r['iou']:.4f}",
-             f"{r['dsb']:.4f}", f"{r['mdice']:.4f}"]
+    rows = [[NAMES[r["method"]], f"{r['budget_minutes']:g}", f"{r['minutes']:g}", str(r["step"]),
+             _reading(r), f"{r['iou']:.4f}", f"{r['dsb']:.4f}", f"{r['mdice']:.4f}"]
             for r in sorted(records, key=lambda r: (METHODS.index(r["method"]), r["minutes"]))]
     if otsu_summary:
-        rows.append(["Otsu (no learning)", "–", "–", "–", f"{otsu_summary['iou']:.4f}", f"{otsu_summary['dsb']:.4f}",
-                     f"{otsu_summary['mdice']:.4f}"])
+        rows.append(["Otsu (no learning)", "–", "–", "–", "–", f"{otsu_summary['iou']:.4f}",
+                     f"{otsu_summary['dsb']:.4f}", f"{otsu_summary['mdice']:.4f}"])
     svg = args.results.with_suffix(".svg")
     write_text_atomic(svg, svg_plot(records, otsu_summary))
     text = "\n".join([
@@ -153,10 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "One training per method with a time budget (`budget`, minutes: the largest time of the invocation that made",
         "the record; the default recipe's shares follow it); the weights saved when the training clock (ensembles",
-        "included) passed each time, evaluated on the test split (flip-averaged inference, watershed instances).",
+        "included) passed each time, calibrated as training calibrates its final model (`thr.`: the foreground",
+        "threshold, `+CRF` where the boundary refinement is on) and evaluated on the test split (flip-averaged",
+        "inference, watershed instances).",
         f"Plot: [{svg.name}]({svg.name}).",
         "",
-        markdown_table(["method", "budget", "minutes", "step", "IoU", "DSB score", "mDice"], rows),
+        markdown_table(["method", "budget", "minutes", "step", "thr.", "IoU", "DSB score", "mDice"], rows),
         "",
     ])
     write_text_atomic(args.results.with_suffix(".md"), text)
