@@ -415,6 +415,23 @@ def calibrate_command(run: RunSpec, dataset_dir: Path, ckpt: Path) -> list[str]:
             "--datalist_name", run.datalist_name, "--in_channels", str(IN_CHANNELS[run.modality])]
 
 
+def calibrate_for_evaluation(run: RunSpec, profile: str, dataset_dir: Path, ckpt: Path, log: Path | None,
+                             smoke: bool = False) -> tuple[float, float]:
+    """Make a model's calibration match its recipe before it is evaluated (``common.ensure_calibration``).
+
+    Returns:
+        ``(foreground_threshold, refine_weight)`` that the evaluation will read.
+    """
+    from s2l_monai.inference_io import as_bool
+
+    cfg = _effective_config(profile, train_overrides(run, profile, smoke))
+    threshold = common.ensure_calibration(
+        ckpt, as_bool(cfg.get("calibrate_threshold", True)), calibrate_command(run, dataset_dir, ckpt), REPO_ROOT,
+        log, can_calibrate=PROFILE_CONFIGS[profile] == ["configs/train.json"],
+        refine_weight=float(cfg.get("refine_weight", 2.0)))
+    return threshold, common.calibrated_refinement(ckpt)
+
+
 def eval_run_id(config: Path | None = None) -> str:
     """The run id of ``configs/evaluate.json``: ``evaluate`` if it defines one, else ``evaluating``, else ``run``."""
     keys = json.loads((config or REPO_ROOT / "configs" / "evaluate.json").read_text())
@@ -645,14 +662,8 @@ def execute_run(
             if prior is not None:
                 train["class_prior"] = prior
             common.write_json_atomic(meta_path, train)
-        from s2l_monai.inference_io import as_bool
-
-        cfg = _effective_config(profile, train_overrides(run, profile, smoke))
-        train["foreground_threshold"] = common.ensure_calibration(
-            ckpt, as_bool(cfg.get("calibrate_threshold", True)), calibrate_command(run, dataset_dir, ckpt), REPO_ROOT,
-            log, can_calibrate=PROFILE_CONFIGS[profile] == ["configs/train.json"],
-            refine_weight=float(cfg.get("refine_weight", 2.0)))
-        train["refine_weight"] = common.calibrated_refinement(ckpt)
+        train["foreground_threshold"], train["refine_weight"] = calibrate_for_evaluation(
+            run, profile, dataset_dir, ckpt, log, smoke)
         summaries, eval_seconds = {}, 0.0
         for method in ("connected", "watershed"):
             out = run_dir / f"eval_{method}"

@@ -28,8 +28,6 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import dsb  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    calibrated_refinement,
-    ensure_calibration,
     load_records,
     machine_info,
     machine_line,
@@ -65,21 +63,17 @@ def evaluate(method: str, seed: int, dataset_dir: Path, ckpt: Path, out_dir: Pat
     """Test scores of one snapshot, read as the headline reads a finished training: the snapshot is calibrated
     first (``s2l calibrate`` with the recipe's boundary refinement, as training does for its final model), so the
     evaluation applies the calibrated threshold and the refinement."""
-    from s2l_monai.inference_io import as_bool
-
     run = run_spec(method, seed)
-    cfg = dsb._effective_config("default", dsb.train_overrides(run, "default"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    threshold = ensure_calibration(
-        ckpt, as_bool(cfg.get("calibrate_threshold", True)), dsb.calibrate_command(run, dataset_dir, ckpt), REPO,
-        out_dir / "calibrate.log", refine_weight=float(cfg.get("refine_weight", 2.0)))
+    threshold, refine_weight = dsb.calibrate_for_evaluation(run, "default", dataset_dir, ckpt,
+                                                            out_dir / "calibrate.log")
     cmd = dsb.eval_command(run, "default", dataset_dir, ckpt, out_dir, "watershed")
     result = run_measured(cmd, cwd=REPO, log_path=out_dir / "eval.log")
     if result.returncode != 0:
         raise RuntimeError(f"evaluation failed; see {out_dir / 'eval.log'}")
     summary = json.loads((out_dir / "summary.json").read_text())
     return {**{k: summary.get(k) for k in ("iou", "dsb", "mdice", "pq", "aji")},
-            "foreground_threshold": threshold, "refine_weight": calibrated_refinement(ckpt)}
+            "foreground_threshold": threshold, "refine_weight": refine_weight}
 
 
 def _reading(record: dict[str, Any]) -> str:
