@@ -85,6 +85,10 @@ PAPER_SHORT_PROFILE: dict[str, Any] = {
 S1200_PROFILE: dict[str, Any] = {"max_steps": 1200}
 LAM1_PROFILE: dict[str, Any] = {"lambda_up": 1.0}
 NODC_PROFILE: dict[str, Any] = {"drift_control": False}
+#: ``default-l2``: the default with the 2-level UNet (channels 16-32-64, strides 2-2; the default network until
+#: 2026-12-06, when bright-field validation chose a third level), every method's records. A profile's
+#: ``network_def#...`` keys reach the evaluation too (:func:`network_overrides`).
+L2_PROFILE: dict[str, Any] = {"network_def#channels": [16, 32, 64], "network_def#strides": [2, 2]}
 #: ``default-argmax``: the default recipe read at the argmax (``calibrate_threshold false``: no calibrated foreground
 #: threshold, the default until 2026-12-05). Its trainings are the default's (calibration runs after training).
 ARGMAX_PROFILE: dict[str, Any] = {"calibrate_threshold": False}
@@ -100,6 +104,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default-lam1": LAM1_PROFILE,
     "default-nodc": NODC_PROFILE,
     "default-argmax": ARGMAX_PROFILE,
+    "default-l2": L2_PROFILE,
     "paper": PAPER_PROFILE,
     "paper-short": PAPER_SHORT_PROFILE,
     "paper-short-balanced": {**PAPER_SHORT_PROFILE, "class_weights": [3.0, 1.0], "pseudo_class_weights": [3.0, 1.0],
@@ -126,6 +131,8 @@ PROFILE_NOTES: dict[str, str] = {
     "default-argmax": "the default recipe read at the argmax (`calibrate_threshold false`; the calibrated foreground"
                       " threshold is the default since 2026-12-05); rows measured with it, since replaced by the"
                       " default's",
+    "default-l2": "the default recipe with the 2-level UNet (`network_def` channels [16, 32, 64], strides [2, 2]; the"
+                  " default network until 2026-12-06); rows measured with it, since replaced by the default's",
     "paper": "configs/train.json + configs/paper.json, the authors' recipe (GPU)",
     "paper-short": "configs/paper.json (the authors' network, crops, batch, optimiser and tau/alpha/gamma) on 100"
                    " epochs with 30 of warm-up instead of 300/100 (`PAPER_SHORT_PROFILE` in dsb.py), for a GPU",
@@ -136,7 +143,7 @@ PROFILE_NOTES: dict[str, str] = {
 #: a record measured on a lent GPU machine keeps its quality figures, not its times (``em.py`` shares
 #: :func:`_gpu_note`).
 SAME_RECIPE_PROFILES: tuple[str, ...] = ("default", "default-nocrf", "default-b16", "default-pcw", "default-1200",
-                                          "default-lam1", "default-nodc", "default-argmax")
+                                          "default-lam1", "default-nodc", "default-argmax", "default-l2")
 PROFILE_CONFIGS: dict[str, list[str]] = {
     "default": ["configs/train.json"],
     "default-nocrf": ["configs/train.json"],
@@ -146,6 +153,7 @@ PROFILE_CONFIGS: dict[str, list[str]] = {
     "default-lam1": ["configs/train.json"],
     "default-nodc": ["configs/train.json"],
     "default-argmax": ["configs/train.json"],
+    "default-l2": ["configs/train.json"],
     "paper": ["configs/train.json", "configs/paper.json"],
     "paper-short": ["configs/train.json", "configs/paper.json"],
     "paper-short-balanced": ["configs/train.json", "configs/paper.json"],
@@ -396,7 +404,7 @@ def eval_command(
     """``python -m monai.bundle run evaluate ...`` on the test split (a profile's extra configs add its network)."""
     files = ["configs/inference.json", "configs/evaluate.json"]
     files += PROFILE_CONFIGS[profile][1:]  # e.g. configs/paper.json: the same network_def as in training
-    return [
+    cmd = [
         sys.executable, "-m", "monai.bundle", "run", eval_run_id(),
         "--config_file", _config_arg(files),
         "--dataset_dir", str(dataset_dir),
@@ -406,6 +414,15 @@ def eval_command(
         "--instance_method", instance_method,
         "--in_channels", str(IN_CHANNELS[run.modality]),
     ]
+    for key, value in network_overrides(PROFILES[profile]).items():
+        cmd += [f"--{key}", _cli_value(value)]
+    return cmd
+
+
+def network_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The ``network_def`` keys of a profile's training overrides (e.g. ``default-l2``'s), which the evaluation of
+    its models needs as well: ``configs/inference.json`` builds the default network otherwise."""
+    return {k: v for k, v in overrides.items() if k.split("#")[0] == "network_def"}
 
 
 def calibrate_command(run: RunSpec, dataset_dir: Path, ckpt: Path) -> list[str]:
@@ -425,9 +442,11 @@ def calibrate_for_evaluation(run: RunSpec, profile: str, dataset_dir: Path, ckpt
     from s2l_monai.inference_io import as_bool
 
     cfg = _effective_config(profile, train_overrides(run, profile, smoke))
+    # s2l calibrate builds configs/train.json's network: not another profile's (its training calibrated itself)
+    own_network = PROFILE_CONFIGS[profile] == ["configs/train.json"] and not network_overrides(PROFILES[profile])
     threshold = common.ensure_calibration(
         ckpt, as_bool(cfg.get("calibrate_threshold", True)), calibrate_command(run, dataset_dir, ckpt), REPO_ROOT,
-        log, can_calibrate=PROFILE_CONFIGS[profile] == ["configs/train.json"],
+        log, can_calibrate=own_network,
         refine_weight=float(cfg.get("refine_weight", 2.0)))
     return threshold, common.calibrated_refinement(ckpt)
 
@@ -459,11 +478,17 @@ def _quote(cmd: Sequence[str]) -> str:
 
 
 def _effective_config(profile: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Top-level keys of the profile's config files with ``overrides`` applied (plain values only)."""
+    """Top-level keys of the profile's config files with ``overrides`` applied (plain values only; an override
+    ``a#b`` sets key ``b`` of the dictionary ``a``, as the bundle CLI does)."""
     cfg: dict[str, Any] = {}
     for name in PROFILE_CONFIGS[profile]:
         cfg.update(json.loads((REPO_ROOT / name).read_text()))
-    cfg.update(overrides)
+    for key, value in overrides.items():
+        *parents, leaf = key.split("#")
+        node = cfg
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     return cfg
 
 

@@ -84,7 +84,8 @@ GPU_SHORT_PROFILE: dict[str, Any] = {
 PROFILES: dict[str, dict[str, Any]] = {
     "default": DEFAULT_PROFILE,
     # retired defaults (dsb.py's NOCRF_PROFILE, B16_PROFILE, PCW_PROFILE, S1200_PROFILE, LAM1_PROFILE,
-    # NODC_PROFILE, ARGMAX_PROFILE), to re-run them; their records are in results/archive/em_default_*.json
+    # NODC_PROFILE, ARGMAX_PROFILE), to re-run them; their records are in results/archive/em_default_*.json;
+    # default-l2 (dsb.L2_PROFILE: the 2-level UNet) keeps its records in em.json until the default has each cell's
     "default-nocrf": dsb.NOCRF_PROFILE,
     "default-b16": dsb.B16_PROFILE,
     "default-pcw": dsb.PCW_PROFILE,
@@ -92,6 +93,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default-lam1": dsb.LAM1_PROFILE,
     "default-nodc": dsb.NODC_PROFILE,
     "default-argmax": dsb.ARGMAX_PROFILE,
+    "default-l2": dsb.L2_PROFILE,
     "gpu-short": GPU_SHORT_PROFILE,
 }
 #: One line per profile for the report.
@@ -109,6 +111,7 @@ PROFILE_NOTES: dict[str, str] = {
     "default-nodc": "the default recipe before drift control (`drift_control false`, the default until 2026-12-05);"
                     " Scribble2Label rows measured with it, since replaced by the default's",
     "default-argmax": dsb.PROFILE_NOTES["default-argmax"],
+    "default-l2": dsb.PROFILE_NOTES["default-l2"],
     "gpu-short": "one lent GPU shared by the trainings of one lease, 256x256 patches, 100 epochs with 30 of warm-up"
                  " within 330 s (`GPU_SHORT_PROFILE` in em.py)",
 }
@@ -287,20 +290,24 @@ def cli_value(value: Any) -> str:
 
 
 def effective_config(overrides: dict[str, Any]) -> dict[str, Any]:
-    """Top-level keys of ``configs/train.json`` with ``--slice_axis 0`` and ``overrides`` applied (plain values)."""
-    cfg = json.loads((REPO_ROOT / TRAIN_CONFIG).read_text())
-    cfg.update({"slice_axis": SLICE_AXIS, **overrides})
-    return cfg
+    """Top-level keys of ``configs/train.json`` with ``--slice_axis 0`` and ``overrides`` applied (plain values;
+    ``a#b`` keys as in ``dsb._effective_config``)."""
+    return dsb._effective_config("default", {"slice_axis": SLICE_AXIS, **overrides})
 
 
-def eval_command(run: EMRun, dataset_dir: Path, ckpt: Path, out_dir: Path, instance_method: str) -> list[str]:
-    """Slice-wise evaluation of the test volume."""
-    return [
+def eval_command(run: EMRun, dataset_dir: Path, ckpt: Path, out_dir: Path, instance_method: str,
+                 profile: str = "default") -> list[str]:
+    """Slice-wise evaluation of the test volume (with the profile's ``network_def`` keys, see
+    ``dsb.network_overrides``)."""
+    cmd = [
         sys.executable, "-m", "monai.bundle", "run", dsb.eval_run_id(),
         "--config_file", "['configs/inference.json','configs/evaluate.json']", "--slice_axis", "0",
         "--dataset_dir", str(dataset_dir), "--datalist_name", run.datalist_name, "--ckpt_path", str(ckpt),
         "--output_dir", str(out_dir), "--instance_method", instance_method,
     ]
+    for key, value in dsb.network_overrides(PROFILES[profile]).items():
+        cmd += [f"--{key}", cli_value(value)]
+    return cmd
 
 
 def otsu_evaluate(dataset_dir: Path, out_dir: Path, instance_method: str) -> dict[str, Any]:
@@ -424,12 +431,13 @@ def execute_run(run: EMRun, data_dir: Path, work: Path, context: dict[str, Any],
         calibrate = [sys.executable, "-m", "s2l_monai", "calibrate", "--ckpt", str(ckpt), "--dataset_dir",
                      str(data_dir), "--datalist_name", run.datalist_name, "--slice_axis", str(SLICE_AXIS)]
         enabled = as_bool(effective_config(train_overrides(run, smoke, profile)).get("calibrate_threshold", True))
-        train["foreground_threshold"] = common.ensure_calibration(ckpt, enabled, calibrate, REPO_ROOT, log)
+        train["foreground_threshold"] = common.ensure_calibration(
+            ckpt, enabled, calibrate, REPO_ROOT, log, can_calibrate=not dsb.network_overrides(PROFILES[profile]))
         eval_seconds = 0.0
         for method in ("connected", "watershed"):
             out = run_dir / f"eval_{method}"
             shutil.rmtree(out, ignore_errors=True)
-            cmd = eval_command(run, data_dir, ckpt, out, method)
+            cmd = eval_command(run, data_dir, ckpt, out, method, profile)
             print(f"[em] {run.run_id}: evaluating ({method})", flush=True)
             res = common.run_measured(cmd, REPO_ROOT, log)
             if res.returncode != 0:

@@ -19,8 +19,9 @@ class WholeImageInferer(Inferer):
     The Scribble2Label ensemble (paper, Sec. 2.2) predicts every training image every γ epochs, so its cost grows
     with the dataset. MONAI's ``SlidingWindowInferer`` pads an image smaller than the window up to the window and
     overlaps windows on larger ones; for a fully convolutional U-Net neither is needed. Measured on the 328
-    DSB-Fluo training images (46.6 M pixels, the default 2-level UNet, 2 CPU cores): sliding windows of 256x256
-    with 25% overlap and Gaussian blending 26.0 s, whole images 12.8 s. MONAI has no inferer that pads to the
+    DSB-Fluo training images (46.6 M pixels, the 2-level UNet that was the default until v0.14, 2 CPU cores):
+    sliding windows of 256x256 with 25% overlap and Gaussian blending 26.0 s, whole images 12.8 s. MONAI has no
+    inferer that pads to the
     network's divisor, runs once and crops (``SimpleInferer`` fails on sizes the network cannot halve), hence this
     class. Images above ``max_pixels`` (per sample) go to ``fallback`` so that memory stays bounded.
 

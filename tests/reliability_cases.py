@@ -316,7 +316,7 @@ def _pretrained_missing(root: Path):
 def _pretrained_other_network(root: Path):
     shipped = Path(__file__).resolve().parents[1] / "bundle" / "models" / "model.pt"
     return f"{shipped} does not fit this network: other shapes", [
-        "--pretrained_weights", str(shipped), "--network_def#channels", "[8,16,32]"]
+        "--pretrained_weights", str(shipped), "--network_def#channels", "[8,16,32,64]"]
 
 
 @dataclass(frozen=True)

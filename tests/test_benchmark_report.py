@@ -340,6 +340,46 @@ def test_recipe_line_reads_the_configs() -> None:
     assert "- **Default recipe** (configs/train.json at report time" in md and line in md
 
 
+def test_a_retired_network_reaches_training_evaluation_and_report(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``default-l2`` (the 2-level UNet) overrides ``network_def`` keys: its evaluation builds the same network, the
+    report shows its channels, and ``s2l calibrate`` (which builds configs/train.json's network) is not used on it."""
+    from benchmarks import em
+
+    cfg = json.loads((REPO_ROOT / "configs" / "train.json").read_text())
+    assert cfg["network_def"]["channels"] != [16, 32, 64]  # the profile differs from the default network
+    run = dsb.RunSpec("fluorescence", 0.3, "s2l", 0)
+    for profile, expect in (("default-l2", [16, 32, 64]), ("default", cfg["network_def"]["channels"])):
+        effective = dsb._effective_config(profile, dsb.train_overrides(run, profile))
+        assert effective["network_def"]["channels"] == expect
+        assert effective["network_def"]["num_res_units"] == cfg["network_def"]["num_res_units"]  # merged, not replaced
+        assert f"`network UNet [{','.join(map(str, expect))}]`" in dsb.recipe_line(profile)
+    train = dsb.train_command(run, "default-l2", tmp_path, tmp_path / "run")
+    evaluate = dsb.eval_command(run, "default-l2", tmp_path, tmp_path / "model.pt", tmp_path / "eval", "watershed")
+    for cmd in (train, evaluate):
+        i = cmd.index("--network_def#channels")
+        assert json.loads(cmd[i + 1]) == [16, 32, 64]
+        assert json.loads(cmd[cmd.index("--network_def#strides") + 1]) == [2, 2]
+    default_eval = dsb.eval_command(run, "default", tmp_path, tmp_path / "model.pt", tmp_path / "eval", "watershed")
+    assert not any(a.startswith("--network_def") for a in default_eval)
+    em_run = em.build_plan()[0]
+    em_eval = em.eval_command(em_run, tmp_path, tmp_path / "model.pt", tmp_path / "eval", "connected", "default-l2")
+    assert json.loads(em_eval[em_eval.index("--network_def#channels") + 1]) == [16, 32, 64]
+    assert em.effective_config(em.PROFILES["default-l2"])["network_def"]["strides"] == [2, 2]
+
+    calls: list = []
+    ckpt = tmp_path / "ckpt" / "model.pt"
+
+    def fake_ensure(path, enabled, command, cwd, log, can_calibrate=True, refine_weight=None):
+        calls.append(can_calibrate)
+        return 0.5
+
+    monkeypatch.setattr(common, "ensure_calibration", fake_ensure)
+    dsb.calibrate_for_evaluation(run, "default-l2", tmp_path, ckpt, None)
+    dsb.calibrate_for_evaluation(run, "default", tmp_path, ckpt, None)
+    assert calls == [False, True]
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
