@@ -208,8 +208,8 @@ def test_default_profile_adds_only_the_method_overrides(tmp_path: Path) -> None:
     assert dsb.default_results("default", True, tmp_path) == tmp_path / "results_smoke" / "dsb.json"
     assert dsb.build_parser().parse_args([]).profile == "default"
     assert set(dsb.PROFILES) == {"default", "default-nocrf", "default-b16", "default-pcw", "default-1200",
-                                 "default-lam1", "default-nodc", "default-argmax", "paper", "paper-short",
-                                 "paper-short-balanced"}
+                                 "default-lam1", "default-nodc", "default-argmax", "default-l2", "paper",
+                                 "paper-short", "paper-short-balanced"}
     # the retired defaults all ran 1200 steps: their overrides keep them true whatever the default's budget is now
     assert dsb.PROFILES["default-nocrf"] == {"crf_weight": 0.0, "batch_size": 16, "max_steps": 1200}
     assert dsb.PROFILES["default-b16"] == {"batch_size": 16, "max_steps": 1200}
@@ -218,6 +218,8 @@ def test_default_profile_adds_only_the_method_overrides(tmp_path: Path) -> None:
     # the records with L_up weight 1 (the default on 2026-12-05): 2400 steps like the default
     assert dsb.PROFILES["default-lam1"] == {"lambda_up": 1.0}
     assert dsb.PROFILES["default-nodc"] == {"drift_control": False}
+    # the 2-level UNet (the default network until v0.14)
+    assert dsb.PROFILES["default-l2"] == {"network_def#channels": [16, 32, 64], "network_def#strides": [2, 2]}
 
 
 def test_gpu_profiles_keep_their_recipe(tmp_path: Path) -> None:
