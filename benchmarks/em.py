@@ -85,7 +85,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default": DEFAULT_PROFILE,
     # retired defaults (dsb.py's NOCRF_PROFILE, B16_PROFILE, PCW_PROFILE, S1200_PROFILE, LAM1_PROFILE,
     # NODC_PROFILE, ARGMAX_PROFILE), to re-run them; their records are in results/archive/em_default_*.json;
-    # default-l2 (dsb.L2_PROFILE: the 2-level UNet) keeps its records in em.json until the default has each cell's
+    # default-l2 (dsb.L2_PROFILE: the 2-level UNet) keeps its records in em.json until the default has its own
     "default-nocrf": dsb.NOCRF_PROFILE,
     "default-b16": dsb.B16_PROFILE,
     "default-pcw": dsb.PCW_PROFILE,
