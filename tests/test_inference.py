@@ -244,7 +244,7 @@ def test_inference_reads_the_calibrated_threshold(inputs, png_run, tmp_path):
         _check_consistent(semantic, _read(out / "a_instances.png"))
         if name == "auto":
             assert f"foreground threshold {t:.2f}, calibrated after training" in proc.stdout + proc.stderr
-            assert (prob > t).mean() > (prob > 0.5).mean() + 0.1
+            assert abs((prob > t).mean() - (prob > 0.5).mean()) > 0.1  # the threshold moved many pixels
 
 
 @pytest.mark.slow
