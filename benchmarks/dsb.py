@@ -1032,7 +1032,7 @@ RECIPE_KEYS: tuple[tuple[str, str | None], ...] = (
     ("warmup_epochs", None), ("ensemble_share", "ema_every"), ("ema_every", None), ("ema_memory_share", "ema_alpha"),
     ("ema_alpha", None), ("tau", None), ("lambda_up", None), ("class_weights", None), ("pseudo_class_weights", None),
     ("drift_control", None),
-    ("crf_weight", None), ("refine_weight", None),
+    ("crf_weight", None), ("refine_weight", None), ("precision", None),
 )
 
 

@@ -1,4 +1,5 @@
-"""Inferers: whole-image inference for fully convolutional networks (the EMA ensemble's default), flip averaging."""
+"""Inferers: whole-image inference for fully convolutional networks (the EMA ensemble's default), flip averaging,
+mixed precision."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer
 
-__all__ = ["FlipAveragingInferer", "WholeImageInferer"]
+__all__ = ["AutocastInferer", "FlipAveragingInferer", "WholeImageInferer"]
 
 
 class WholeImageInferer(Inferer):
@@ -109,3 +110,37 @@ class FlipAveragingInferer(Inferer):
             out = torch.flip(out, dims) if dims else out
             total = out if total is None else total + out
         return total / len(self.flips)
+
+
+class AutocastInferer(Inferer):
+    """Run ``inferer`` under ``torch.autocast`` and hand back float32 outputs.
+
+    The training forward pass in bfloat16 where the hardware has it (:func:`s2l_monai.precision.resolve_precision`):
+    convolutions run in bfloat16, the weights and their optimiser state stay float32, and the loss sees float32
+    logits. The backward pass runs outside the autocast context, as PyTorch's AMP recipe prescribes (it reuses the
+    forward's dtypes). MONAI's ``SupervisedTrainer(amp=True)`` autocasts on CUDA only and with float16 and a
+    gradient scaler; an inferer is the one place of its ``_iteration`` that sees the forward call on any device,
+    and wrapping it there leaves the network itself (and DDP's wrapper of it) unchanged, hence this class.
+
+    Args:
+        inferer: the inferer to wrap (MONAI's ``SimpleInferer`` in training).
+        dtype: the autocast dtype, e.g. ``torch.bfloat16``; None runs ``inferer`` unchanged (float32).
+
+    Example::
+
+        inferer = AutocastInferer(SimpleInferer(), torch.bfloat16)
+        logits = inferer(images_BCHW, network)  # float32 BC'HW
+    """
+
+    def __init__(self, inferer: Inferer, dtype: torch.dtype | None = torch.bfloat16) -> None:
+        super().__init__()
+        self.inferer = inferer
+        self.dtype = dtype
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Predict ``inputs`` (``BC`` + spatial) with ``network``; returns float32 ``BC'`` + spatial."""
+        if self.dtype is None:
+            return self.inferer(inputs, network, *args, **kwargs)
+        with torch.autocast(device_type=inputs.device.type, dtype=self.dtype):
+            out = self.inferer(inputs, network, *args, **kwargs)
+        return out.float() if torch.is_tensor(out) else out

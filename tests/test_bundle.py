@@ -137,6 +137,23 @@ def test_time_budget_ends_the_run_and_saves(trained):
     assert (root / "models_budget" / "model.pt").is_file()
 
 
+def test_bfloat16_training_runs_and_saves_float32_weights(trained):
+    """``--precision bf16``: the run says it trains in bfloat16 autocast, the loss stays finite, ensembles run, and
+    the saved weights are float32 (the optimiser's master copy), loadable by float32 inference."""
+    root, common, _ = trained
+    pairs = dict(zip(common[::2], common[1::2]))
+    pairs.update({"--output_dir": str(root / "out_bf16"), "--ckpt_dir": str(root / "models_bf16")})
+    over = [x for pair in pairs.items() for x in pair]
+    proc = _run(*over, "--max_epochs", "2", "--precision", "bf16")
+    log = proc.stdout + proc.stderr
+    assert "training precision: bfloat16 autocast (asked for" in log, log[-3000:]
+    losses = [float(v) for v in re.findall(r"step \d+/\d+: loss ([\d.eE+-]+|nan|inf)", log)]
+    assert losses and all(np.isfinite(losses)), log[-3000:]
+    assert re.search(r"EMAEnsembleHandler - INFO - .* ensemble of 4 items", log)
+    weights = torch.load(root / "models_bf16" / "model.pt", map_location="cpu")
+    assert weights and all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+
+
 def test_pretrained_weights_start_the_network(trained):
     """``--pretrained_weights``: the network starts from a saved ``model.pt`` (one flag for fine-tuning); with a
     learning rate of 0 the saved model is exactly the one it started from."""
