@@ -10,8 +10,8 @@ warm-up), the default ``ScribbleLoss`` (class weights [3, 1], λ 0.5, the CRF te
 through :class:`s2l_monai.inferers.AutocastInferer` as the training does. The two precisions alternate in blocks of
 ``--steps`` steps for ``--rounds`` rounds, so that a machine whose speed drifts (a shared VM) slows both alike;
 the table gives each one's median ms per step over the rounds, with the network's forward and backward timed alone
-too. The run fails where bfloat16 autocast is not available at all; on CPUs without native bfloat16 it measures
-the emulated speed (``auto`` keeps float32 there). Writes ``results/precision.md`` (and ``.json``).
+too. On CPUs without native bfloat16 it measures the emulated speed (``auto`` keeps float32 there). Writes
+``results/precision.md`` (and ``.json``).
 """
 
 from __future__ import annotations

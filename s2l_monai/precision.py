@@ -18,7 +18,8 @@ def native_bf16(device: torch.device | str) -> tuple[bool, str]:
     """Whether ``device`` computes bfloat16 convolutions in hardware, and in words why (for the log).
 
     CPUs: Intel AMX tiles (Sapphire Rapids and later), which oneDNN uses for bfloat16 convolutions; CPUs without
-    them (AVX2 laptops) emulate bfloat16 and are slower with it than with float32, so ``auto`` keeps float32 there.
+    them emulate bfloat16 (PyTorch's documented CPU behaviour; not measured in this project), so ``auto`` keeps
+    float32 there.
     CUDA: devices that report native bfloat16 (compute capability 8.0 and later).
 
     Args:
@@ -59,11 +60,10 @@ def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
     native, reason = native_bf16(device)
     use = value == "bf16" or (value == "auto" and native)
-    how = {"auto": "auto", "bf16": "asked for", "fp32": "asked for"}[value]
     logger.info(
         "training precision: %s (%s: %s); the weights, the loss, the ensemble and inference stay float32",
         "bfloat16 autocast" if use else "float32",
-        how,
+        "auto" if value == "auto" else "asked for",
         reason,
     )
     return torch.bfloat16 if use else None

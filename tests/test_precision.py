@@ -35,7 +35,7 @@ def test_precision_key_resolves_per_device(caplog):
     text = caplog.text
     assert "training precision: float32 (asked for" in text
     assert "training precision: bfloat16 autocast (asked for" in text
-    assert reason in text and ("AMX" in reason)
+    assert reason in text
     with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32; got 'fp16'"):
         resolve_precision("fp16", "cpu")
 
